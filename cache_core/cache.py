@@ -1,0 +1,395 @@
+"""The read path: :class:`SemanticCache`.
+
+``lookup`` never writes an entry. It asks Redis at most twice:
+
+1. one pipelined round trip for the exact match (``JSON.GET`` of the deterministic entry id: the normalized
+   prompt's hash within the scope, no embedding needed) and the scope's calibrated parameters;
+2. on no exact hit, the prompt is embedded and one ``FT.SEARCH`` KNN runs with the scope tags,
+   ``@status:{approved}`` and the expiry as a pre-filter in the same query.
+
+A slow or dead Redis makes a lookup a miss within ``SEMCACHE_REDIS_TIMEOUT_MS`` (then, for
+``SEMCACHE_BREAKER_COOLDOWN_MS``, a miss at once); ``strict=True`` raises :class:`BackendUnavailable` instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import redis
+from pydantic import BaseModel, Field, ValidationError
+
+from .embedder import Embedder
+from .errors import BackendUnavailable, InvalidInput
+from .index import IndexSpec, alias_name, ensure_index
+from .policy import MatchPolicy, make_policy
+from .query import VIEW_PATHS, Candidate, knn_query, parse_knn, scope_filter, search_args
+from .schema import EntryView, LookupResult, Scope, Status, WriteCommand, entry_id
+from .settings import Settings
+from .stats import StatsRecorder
+from .writequeue import NullWriteQueue, WriteQueue
+
+__all__ = ["SemanticCache", "Generated", "Answer", "ScopeLike"]
+
+log = logging.getLogger(__name__)
+
+ScopeLike = Scope | Mapping[str, Any]
+
+
+class Generated(BaseModel):
+    """What a ``generate`` callback may return instead of a plain string."""
+
+    response: str
+    flags: list[str] = Field(default_factory=list)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    finish_reason: str | None = None
+    ttl_seconds: int | None = None
+    cacheable: bool = True
+
+
+class Answer(BaseModel):
+    """The result of :meth:`SemanticCache.get_or_generate`."""
+
+    response: str
+    cached: bool
+    lookup: LookupResult
+    task_id: str | None = None
+    coalesced: bool = False
+
+
+@dataclass
+class _Breaker:
+    cooldown_s: float
+    open_until: float = 0.0
+    failures: int = 0
+    last_log: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def is_open(self) -> bool:
+        return time.monotonic() < self.open_until
+
+    def trip(self, exc: Exception) -> None:
+        with self.lock:
+            self.failures += 1
+            self.open_until = time.monotonic() + self.cooldown_s
+            if time.monotonic() - self.last_log > 10:  # one line per 10 s, not one per lookup
+                self.last_log = time.monotonic()
+                log.warning("Redis failed on the read path (%s); lookups are misses for %.1fs", exc, self.cooldown_s)
+
+
+class SemanticCache:
+    """Semantic cache over one Redis Search index.
+
+    >>> cache = SemanticCache.open(Settings())                                # doctest: +SKIP
+    >>> cache.lookup("What is the capital of France?", {"tenant": "acme"})    # doctest: +SKIP
+    LookupResult(hit=False, ...)
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: redis.Redis,
+        embedder: Embedder,
+        *,
+        write_queue: WriteQueue | None = None,
+        policy: MatchPolicy | None = None,
+        stats: StatsRecorder | None = None,
+        ensure: bool = True,
+        strict: bool | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.embedder = embedder
+        self.write_queue = write_queue or NullWriteQueue()
+        self.policy = policy or make_policy(settings.policy)
+        self.stats = stats
+        self.strict = settings.strict if strict is None else strict
+        self.index_name = alias_name(settings)
+        self.spec = IndexSpec(settings=settings, dim=embedder.dim, model_name=embedder.name)
+        self._breaker = _Breaker(settings.breaker_cooldown_ms / 1000)
+        self._inflight: dict[str, Future] = {}
+        self._inflight_lock = threading.Lock()
+        self.enqueue_failures = 0
+        if ensure:
+            ensure_index(client, self.spec)
+
+    @classmethod
+    def open(cls, settings: Settings, *, embedder: Embedder | None = None, write_queue: WriteQueue | None = None,
+             stats: bool = True, **kwargs: Any) -> "SemanticCache":
+        """Connect (or start the embedded Redis), load the model, check or create the index.
+
+        The returned cache owns its Redis handle: call :meth:`close`.
+        """
+        from .connection import open_redis
+        from .embedder import load_embedder
+
+        handle = open_redis(settings)
+        try:
+            embedder = embedder or load_embedder(settings.model, backend=settings.embedding_backend,
+                                                 cache_size=settings.embedding_cache_size)
+            ensure_index(handle.writer(), IndexSpec(settings=settings, dim=embedder.dim, model_name=embedder.name))
+            recorder = StatsRecorder(handle.writer(), settings) if stats else None
+            cache = cls(settings, handle.reader(), embedder, write_queue=write_queue, stats=recorder, ensure=False,
+                        **kwargs)
+        except Exception:
+            handle.close()
+            raise
+        cache.handle = handle
+        return cache
+
+    def close(self) -> None:
+        if self.stats:
+            self.stats.close()
+        handle = getattr(self, "handle", None)
+        if handle is not None:
+            handle.close()
+
+    def __enter__(self) -> "SemanticCache":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- validation ----------------------------------------------------------------------------------------
+    def scope(self, scope: ScopeLike) -> Scope:
+        """Validate a scope (a :class:`Scope` or a mapping) against the settings."""
+        try:
+            value = scope if isinstance(scope, Scope) else Scope.model_validate(dict(scope))
+        except ValidationError as exc:
+            raise InvalidInput(f"invalid scope: {exc.errors()[0]['msg']}", field="scope") from exc
+        limit = self.settings.max_scope_value_chars
+        for name in ("tenant", "locale", "model"):
+            if len(getattr(value, name)) > limit:
+                raise InvalidInput(f"longer than {limit} characters", field=f"scope.{name}")
+        unknown = set(value.extra) - set(self.settings.extra_scope_fields)
+        if unknown:
+            raise InvalidInput(f"unknown extra scope fields {sorted(unknown)} (declared: "
+                               f"{self.settings.extra_scope_fields or 'none'})", field="scope.extra")
+        if any(len(v) > limit for v in value.extra.values()):
+            raise InvalidInput(f"longer than {limit} characters", field="scope.extra")
+        return value
+
+    def _check_prompt(self, prompt: str) -> None:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InvalidInput("must be a non-empty string", field="prompt")
+        if len(prompt) > self.settings.max_prompt_chars:
+            raise InvalidInput(f"longer than {self.settings.max_prompt_chars} characters", field="prompt")
+        if "\x00" in prompt or any(0xD800 <= ord(c) <= 0xDFFF for c in prompt):
+            raise InvalidInput("contains NUL or invalid UTF-8", field="prompt")
+
+    # --- the read path -------------------------------------------------------------------------------------
+    def lookup(self, prompt: str, scope: ScopeLike, *, min_similarity: float | None = None) -> LookupResult:
+        """Exact match, else one KNN with the scope pre-filter. Never writes an entry."""
+        return self._lookup(prompt, self.scope(scope), min_similarity)[0]
+
+    def lookup_many(self, prompts: Sequence[str], scope: ScopeLike, *, min_similarity: float | None = None
+                    ) -> list[LookupResult]:
+        """Several prompts of one scope: the misses of the exact check are embedded in one batch."""
+        sc = self.scope(scope)
+        for p in prompts:
+            self._check_prompt(p)
+        pending = [self._exact_phase(p, sc, min_similarity) for p in prompts]
+        todo = [i for i, (res, _) in enumerate(pending) if res is None]
+        vectors: np.ndarray | None = None
+        embed_ms = 0.0
+        if todo:
+            t0 = time.perf_counter()
+            vectors = self.embedder.embed([prompts[i] for i in todo])
+            embed_ms = (time.perf_counter() - t0) * 1000 / len(todo)
+        results: list[LookupResult] = []
+        row = {i: n for n, i in enumerate(todo)}
+        for i, (res, ctx) in enumerate(pending):
+            if res is None:
+                res = self._semantic_phase(ctx, vectors[row[i]], embed_ms)
+            results.append(res)
+        return results
+
+    def _lookup(self, prompt: str, sc: Scope, min_similarity: float | None) -> tuple[LookupResult, np.ndarray | None]:
+        self._check_prompt(prompt)
+        result, ctx = self._exact_phase(prompt, sc, min_similarity)
+        if result is not None:
+            return result, None
+        t0 = time.perf_counter()
+        vector = self.embedder.embed([prompt])[0]
+        embed_ms = (time.perf_counter() - t0) * 1000
+        return self._semantic_phase(ctx, vector, embed_ms), vector
+
+    def _exact_phase(self, prompt: str, sc: Scope, min_similarity: float | None):
+        t0 = time.perf_counter()
+        ctx = {"t0": t0, "scope": sc, "prompt": prompt, "lookup_id": uuid.uuid4().hex, "min": min_similarity,
+               "params": {}}
+        if self._breaker.is_open():
+            return self._degraded(ctx, "redis unavailable (breaker open)"), ctx
+        key = self.settings.key_prefix + entry_id(prompt, sc)
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.execute_command("JSON.GET", key, *(f"$.{p}" for p in VIEW_PATHS))
+            pipe.hmget(self.settings.key("calibration"), ["*", f"t:{sc.tags()['tenant']}"])
+            raw, calibration = pipe.execute()
+        except redis.RedisError as exc:
+            return self._failed(ctx, exc), ctx
+        ctx["params"] = _merge_params(calibration)
+        ctx["threshold"] = self._threshold(ctx)
+        ctx["search_ms"] = (time.perf_counter() - t0) * 1000
+        if raw:
+            entry = _exact_entry(raw, sc)
+            if entry is not None:
+                return self._finish(ctx, entry, 1.0, "exact", embed_ms=0.0), ctx
+        return None, ctx
+
+    def _threshold(self, ctx: dict) -> float:
+        if ctx["min"] is not None:
+            return float(ctx["min"])
+        return float(ctx["params"].get("min_similarity", self.settings.min_similarity))
+
+    def _semantic_phase(self, ctx: dict, vector: np.ndarray, embed_ms: float) -> LookupResult:
+        if "threshold" not in ctx:  # the exact phase already failed: ctx carries a degraded result
+            return ctx["result"]
+        s = self.settings
+        filt, params = scope_filter(ctx["scope"], s.extra_scope_fields, status=Status.APPROVED, now=time.time())
+        k = int(ctx["params"].get("k", s.knn_k))
+        query, params = knn_query(filt, params, vector, k=k, ef_runtime=s.hnsw_ef_runtime, vector_type=s.vector_type)
+        t1 = time.perf_counter()
+        try:
+            reply = self.client.execute_command(*search_args(self.index_name, query, params, k))
+        except redis.RedisError as exc:
+            return self._failed(ctx, exc, embed_ms=embed_ms)
+        ctx["search_ms"] += (time.perf_counter() - t1) * 1000
+        candidates = parse_knn(reply)
+        chosen = self.policy.choose(candidates, ctx["threshold"], ctx["params"])
+        if chosen is None:
+            best = candidates[0].similarity if candidates else None
+            return self._finish(ctx, None, best, None, embed_ms=embed_ms, candidates=candidates)
+        try:
+            entry = EntryView.model_validate(chosen.fields)
+        except ValidationError:  # a document from another writer or schema: never served, never crashed on
+            log.warning("skipping malformed entry %s", chosen.key)
+            return self._finish(ctx, None, chosen.similarity, None, embed_ms=embed_ms)
+        return self._finish(ctx, entry, chosen.similarity, "semantic", embed_ms=embed_ms, candidates=candidates)
+
+    def _finish(self, ctx: dict, entry: EntryView | None, similarity: float | None, strategy: str | None, *,
+                embed_ms: float, candidates: list[Candidate] | None = None) -> LookupResult:
+        total = (time.perf_counter() - ctx["t0"]) * 1000
+        result = LookupResult(
+            hit=entry is not None, entry=entry, similarity=similarity, strategy=strategy,
+            lookup_id=ctx["lookup_id"], embed_ms=embed_ms, search_ms=ctx.get("search_ms", 0.0), total_ms=total,
+            threshold=ctx.get("threshold"),
+        )  # fmt: skip
+        if self.stats is not None:
+            saved = None
+            if entry is not None:
+                meta = entry.metadata
+                saved = {k: float(meta[k]) for k in ("prompt_tokens", "completion_tokens")
+                         if isinstance(meta.get(k), (int, float))}
+            self.stats.record(outcome="hit" if entry else "miss", strategy=strategy, total_ms=total,
+                              embed_ms=embed_ms, search_ms=result.search_ms,
+                              entry_id=entry.id if entry else None, saved=saved)
+        return result
+
+    def _failed(self, ctx: dict, exc: Exception, *, embed_ms: float = 0.0) -> LookupResult:
+        self._breaker.trip(exc)
+        if self.strict:
+            raise BackendUnavailable(f"Redis failed during lookup: {exc}") from exc
+        return self._degraded(ctx, f"redis error: {type(exc).__name__}", embed_ms=embed_ms)
+
+    def _degraded(self, ctx: dict, why: str, *, embed_ms: float = 0.0) -> LookupResult:
+        if self.strict:
+            raise BackendUnavailable(why)
+        total = (time.perf_counter() - ctx["t0"]) * 1000
+        result = LookupResult(hit=False, lookup_id=ctx["lookup_id"], embed_ms=embed_ms, total_ms=total, degraded=why)
+        ctx["result"] = result
+        if self.stats is not None:
+            self.stats.record(outcome="degraded", strategy=None, total_ms=total, embed_ms=embed_ms, search_ms=0.0)
+        return result
+
+    # --- read-through --------------------------------------------------------------------------------------
+    def get_or_generate(
+        self,
+        prompt: str,
+        scope: ScopeLike,
+        generate: Callable[[], str | Generated],
+        *,
+        min_similarity: float | None = None,
+        ttl_seconds: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        coalesce_timeout_s: float = 120.0,
+    ) -> Answer:
+        """Answer from the cache, or call ``generate()`` and hand the answer to the write queue.
+
+        Concurrent misses for the same prompt and scope in this process make one ``generate`` call; the others
+        wait for it (at most ``coalesce_timeout_s``, then call ``generate`` themselves).
+        """
+        sc = self.scope(scope)
+        result, vector = self._lookup(prompt, sc, min_similarity)
+        if result.hit:
+            return Answer(response=result.entry.response, cached=True, lookup=result)
+        key = entry_id(prompt, sc)
+        with self._inflight_lock:
+            leader = key not in self._inflight
+            future = self._inflight.setdefault(key, Future()) if leader else self._inflight[key]
+        if not leader:
+            try:
+                response = future.result(timeout=coalesce_timeout_s)
+                return Answer(response=response, cached=False, lookup=result, coalesced=True)
+            except Exception:  # noqa: BLE001 - the leader failed or was too slow: generate for ourselves
+                return self._generate_and_enqueue(prompt, sc, generate, result, vector, ttl_seconds, metadata)
+        try:
+            answer = self._generate_and_enqueue(prompt, sc, generate, result, vector, ttl_seconds, metadata)
+            future.set_result(answer.response)
+            return answer
+        except BaseException as exc:
+            future.set_exception(exc)
+            raise
+        finally:
+            with self._inflight_lock:
+                self._inflight.pop(key, None)
+
+    def _generate_and_enqueue(self, prompt, sc, generate, result, vector, ttl_seconds, metadata) -> Answer:
+        produced = generate()
+        gen = produced if isinstance(produced, Generated) else Generated(response=str(produced))
+        task_id = None
+        if gen.cacheable:
+            try:
+                command = WriteCommand(
+                    prompt=prompt, response=gen.response, scope=sc,
+                    embedding=[float(x) for x in vector] if vector is not None else None,
+                    ttl_seconds=ttl_seconds or gen.ttl_seconds, flags=gen.flags,
+                    metadata={**(metadata or {}), **gen.metadata}, finish_reason=gen.finish_reason,
+                    lookup_id=result.lookup_id,
+                )  # fmt: skip
+                task_id = self.write_queue.enqueue(command)
+            except Exception:  # noqa: BLE001 - the caller gets its answer whatever happens to the write
+                self.enqueue_failures += 1
+                log.exception("could not hand the write to the queue")
+        return Answer(response=gen.response, cached=False, lookup=result, task_id=task_id)
+
+
+def _merge_params(calibration: list[Any]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for raw in calibration or []:
+        if raw:
+            try:
+                params.update(json.loads(raw))
+            except ValueError:
+                log.warning("ignoring unreadable calibration record")
+    return params
+
+
+def _exact_entry(raw: Any, sc: Scope) -> EntryView | None:
+    try:
+        found = json.loads(raw)
+        fields = {name: (found.get(f"$.{name}") or [None])[0] for name in VIEW_PATHS}
+        fields = {k: v for k, v in fields.items() if v is not None}
+        entry = EntryView.model_validate(fields)
+    except (ValueError, ValidationError, AttributeError):
+        return None
+    if entry.status != Status.APPROVED or entry.expires_at <= time.time() or entry.scope != sc:
+        return None
+    return entry

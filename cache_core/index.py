@@ -1,0 +1,272 @@
+"""The one Redis Search index over the entry documents, derived from :class:`~cache_core.schema.Fields`.
+
+The physical index is versioned (``<index>-idx-v1``, ``-v2``, ...) and reached through the alias ``<index>-idx``,
+so :func:`migrate` can build a new version beside the old one and swap the alias without downtime.
+The index's metadata (model, dimension, schema version) is kept in the hash ``<index>:meta``: a read path whose
+embedder differs from the one the entries were written with is refused, because its vectors would be meaningless.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import redis
+
+from .connection import text
+from .errors import BackendUnavailable, IndexMismatch
+from .schema import SCHEMA_VERSION, Fields
+from .settings import Settings
+
+__all__ = ["IndexSpec", "ensure_index", "index_info", "migrate", "alias_name", "drop_index"]
+
+log = logging.getLogger(__name__)
+
+
+def alias_name(settings: Settings) -> str:
+    return f"{settings.index}-idx"
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """What the index must look like for these settings and this embedding model."""
+
+    settings: Settings
+    dim: int
+    model_name: str
+
+    def attributes(self) -> list[tuple[str, str, str, tuple[str, ...]]]:
+        """(json path, attribute, type, options) for every indexed field."""
+        s = self.settings
+        out = [
+            (
+                f"$.{Fields.EMBEDDING}", Fields.EMBEDDING, "VECTOR",
+                ("HNSW", "12", "TYPE", s.vector_type, "DIM", str(self.dim), "DISTANCE_METRIC", "COSINE",
+                 "M", str(s.hnsw_m), "EF_CONSTRUCTION", str(s.hnsw_ef_construction),
+                 "EF_RUNTIME", str(s.hnsw_ef_runtime)),
+            ),
+        ]  # fmt: skip
+        for name in (*Fields.CORE_SCOPE, *s.extra_scope_fields):
+            out.append((f"$.{Fields.TAGS}.{name}", name, "TAG", ("CASESENSITIVE",)))
+        out += [
+            (f"$.{Fields.STATUS}", Fields.STATUS, "TAG", ()),
+            (f"$.{Fields.FLAGS}[*]", Fields.FLAGS, "TAG", ()),
+            (f"$.{Fields.GROUP}", Fields.GROUP, "TAG", ("CASESENSITIVE",)),
+            (f"$.{Fields.PROMPT_HASH}", Fields.PROMPT_HASH, "TAG", ("CASESENSITIVE",)),
+            (f"$.{Fields.CREATED_AT}", Fields.CREATED_AT, "NUMERIC", ("SORTABLE",)),
+            (f"$.{Fields.EXPIRES_AT}", Fields.EXPIRES_AT, "NUMERIC", ("SORTABLE",)),
+            (f"$.{Fields.PROMPT}", Fields.PROMPT, "TEXT", ()),
+        ]
+        return out
+
+    def create_args(self, name: str) -> list[str]:
+        args = ["FT.CREATE", name, "ON", "JSON", "PREFIX", "1", self.settings.key_prefix, "SCHEMA"]
+        for path, attribute, kind, options in self.attributes():
+            args += [path, "AS", attribute, kind, *options]
+        return args
+
+    def meta(self) -> dict[str, str]:
+        return {
+            "schema_version": str(SCHEMA_VERSION),
+            "model": self.model_name,
+            "dim": str(self.dim),
+            "vector_type": self.settings.vector_type,
+            "extra_scope_fields": ",".join(self.settings.extra_scope_fields),
+        }
+
+
+def _meta_key(settings: Settings) -> str:
+    return settings.key("meta")
+
+
+def _physical_name(client: redis.Redis, settings: Settings) -> str | None:
+    try:
+        info = client.execute_command("FT.INFO", alias_name(settings))
+    except redis.ResponseError as exc:
+        if "no such index" in str(exc).lower() or "unknown index" in str(exc).lower():
+            return None
+        raise
+    return text(_get(info, "index_name"))
+
+
+def _get(mapping: Any, key: str) -> Any:
+    if isinstance(mapping, dict):
+        return mapping.get(key.encode(), mapping.get(key))
+    items = list(mapping)  # RESP2 flat list
+    for i in range(0, len(items) - 1, 2):
+        if text(items[i]) == key:
+            return items[i + 1]
+    return None
+
+
+def _live_attributes(info: Any) -> dict[str, dict[str, str]]:
+    out = {}
+    for attr in _get(info, "attributes") or []:
+        fields = {text(k).lower(): v for k, v in attr.items()} if isinstance(attr, dict) else {
+            text(attr[i]).lower(): attr[i + 1] for i in range(0, len(attr) - 1, 2)
+        }  # fmt: skip
+        flags = [text(f).upper() for f in fields.get("flags") or []]
+        out[text(fields["attribute"])] = {
+            "identifier": text(fields["identifier"]),
+            "type": text(fields["type"]).upper(),
+            "dim": text(fields.get("dim", "")),
+            "data_type": text(fields.get("data_type", "")).upper(),
+            "distance_metric": text(fields.get("distance_metric", "")).upper(),
+            "casesensitive": str("CASESENSITIVE" in flags),
+        }
+    return out
+
+
+def differences(spec: IndexSpec, info: Any) -> list[str]:
+    """How a live index differs from the spec, one human sentence per difference."""
+    live = _live_attributes(info)
+    problems = []
+    for path, attribute, kind, options in spec.attributes():
+        got = live.get(attribute)
+        if got is None:
+            problems.append(f"attribute {attribute!r} ({path}) is missing")
+            continue
+        if got["identifier"] != path or got["type"] != kind:
+            problems.append(f"attribute {attribute!r} is {got['type']} on {got['identifier']}, expected {kind} on {path}")
+        if kind == "VECTOR":
+            if got["dim"] != str(spec.dim):
+                problems.append(f"vector dimension is {got['dim']}, the model gives {spec.dim}")
+            if got["data_type"] != spec.settings.vector_type:
+                problems.append(f"vector type is {got['data_type']}, settings ask {spec.settings.vector_type}")
+            if got["distance_metric"] != "COSINE":
+                problems.append(f"distance metric is {got['distance_metric']}, expected COSINE")
+        if kind == "TAG" and "CASESENSITIVE" in options and got["casesensitive"] != "True":
+            problems.append(f"tag {attribute!r} is not CASESENSITIVE")
+    return problems
+
+
+def ensure_index(client: redis.Redis, spec: IndexSpec) -> str:
+    """Create the index if it is missing; verify it if it exists. Returns the physical index name.
+
+    Raises :class:`IndexMismatch` (with the command that migrates) when the live index or its metadata differs.
+    Never drops or rebuilds anything by itself.
+    """
+    settings = spec.settings
+    try:
+        name = _physical_name(client, settings)
+        if name is None:
+            name = f"{alias_name(settings)}-v1"
+            try:
+                client.execute_command(*spec.create_args(name))
+                client.execute_command("FT.ALIASADD", alias_name(settings), name)
+                client.hset(_meta_key(settings), mapping={**spec.meta(), "physical": name, "created": str(time.time())})
+                log.info("created index %s (alias %s, dim %d)", name, alias_name(settings), spec.dim)
+            except redis.ResponseError as exc:
+                if "already exists" not in str(exc).lower():
+                    raise
+                name = _physical_name(client, settings) or name  # another process won the race
+            return name
+        verify_index(client, spec, name)
+        return name
+    except redis.RedisError as exc:
+        if isinstance(exc, redis.ResponseError):
+            raise IndexMismatch(f"cannot create or read index {alias_name(settings)}: {exc}") from exc
+        raise BackendUnavailable(f"Redis failed while checking the index: {exc}") from exc
+
+
+def verify_index(client: redis.Redis, spec: IndexSpec, name: str | None = None) -> None:
+    settings = spec.settings
+    name = name or _physical_name(client, settings)
+    if name is None:
+        raise IndexMismatch(f"index {alias_name(settings)} does not exist", hint="run `semcache index create`")
+    problems = differences(spec, client.execute_command("FT.INFO", name))
+    meta = {text(k): text(v) for k, v in client.hgetall(_meta_key(settings)).items()}
+    if meta.get("model") and meta["model"] != spec.model_name:
+        problems.append(f"entries were embedded with model {meta['model']!r}, this process uses {spec.model_name!r}")
+    if meta.get("schema_version") and meta["schema_version"] != str(SCHEMA_VERSION):
+        problems.append(f"documents have schema version {meta['schema_version']}, this code expects {SCHEMA_VERSION}")
+    if problems:
+        raise IndexMismatch(
+            f"index {name} (alias {alias_name(settings)}) does not match this configuration: " + "; ".join(problems),
+            hint="run `semcache index migrate` to build a matching index beside it and swap the alias "
+            "(add --reembed when the model changed)",
+        )
+
+
+def index_info(client: redis.Redis, settings: Settings) -> dict[str, Any]:
+    """A plain summary of the live index: name, alias, documents, failures, memory, metadata."""
+    name = _physical_name(client, settings)
+    if name is None:
+        return {"alias": alias_name(settings), "exists": False}
+    info = client.execute_command("FT.INFO", name)
+    errors = _get(info, "Index Errors") or {}
+    meta = {text(k): text(v) for k, v in client.hgetall(_meta_key(settings)).items()}
+    return {
+        "alias": alias_name(settings),
+        "exists": True,
+        "index": name,
+        "prefix": settings.key_prefix,
+        "num_docs": int(_get(info, "num_docs") or 0),
+        "indexing_failures": int(_get(errors, "indexing failures") or 0),
+        "vector_index_mb": float(_get(info, "vector_index_sz_mb") or 0.0),
+        "total_index_mb": float(_get(info, "total_index_memory_sz_mb") or 0.0),
+        "percent_indexed": float(_get(info, "percent_indexed") or 0.0),
+        "attributes": _live_attributes(info),
+        "meta": meta,
+    }
+
+
+def drop_index(client: redis.Redis, settings: Settings, *, delete_documents: bool = False) -> None:
+    name = _physical_name(client, settings)
+    if name is None:
+        return
+    args = ["FT.DROPINDEX", name] + (["DD"] if delete_documents else [])
+    client.execute_command(*args)
+    try:
+        client.execute_command("FT.ALIASDEL", alias_name(settings))
+    except redis.ResponseError:
+        pass
+    client.delete(_meta_key(settings))
+
+
+def migrate(
+    client: redis.Redis,
+    spec: IndexSpec,
+    *,
+    reembed: Callable[[list[str]], list[list[float]]] | None = None,
+    batch: int = 256,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Build the index the spec describes beside the live one, then point the alias at it and drop the old one.
+
+    With ``reembed`` (the new model's batch embedder), every document's ``$.embedding`` is rewritten first, so the
+    documents move from the old index to the new one; without it the documents are kept as they are.
+    Lookups keep being answered by the old index until the alias moves.
+    """
+    settings = spec.settings
+    old = _physical_name(client, settings)
+    version = 1
+    if old and old.rsplit("-v", 1)[-1].isdigit():
+        version = int(old.rsplit("-v", 1)[-1]) + 1
+    new = f"{alias_name(settings)}-v{version}"
+    client.execute_command(*spec.create_args(new))
+    rewritten = 0
+    if reembed is not None:
+        keys = [text(k) for k in client.scan_iter(match=f"{settings.key_prefix}*", count=1000)]
+        for start in range(0, len(keys), batch):
+            chunk = keys[start : start + batch]
+            prompts = client.json().mget(chunk, f"$.{Fields.PROMPT}")
+            live = [(k, p[0]) for k, p in zip(chunk, prompts) if p]
+            vectors = reembed([p for _, p in live]) if live else []
+            pipe = client.pipeline(transaction=False)
+            for (key, _), vector in zip(live, vectors):
+                pipe.json().set(key, f"$.{Fields.EMBEDDING}", [float(x) for x in vector], xx=True)
+            pipe.execute()
+            rewritten += len(live)
+            if progress:
+                progress(min(start + batch, len(keys)), len(keys))
+    if old:
+        client.execute_command("FT.ALIASUPDATE", alias_name(settings), new)
+        client.execute_command("FT.DROPINDEX", old)
+    else:
+        client.execute_command("FT.ALIASADD", alias_name(settings), new)
+    client.hset(_meta_key(settings), mapping={**spec.meta(), "physical": new, "migrated": str(time.time())})
+    return {"old": old, "new": new, "reembedded": rewritten}
+

@@ -1,0 +1,321 @@
+"""The one schema: the stored JSON document, the write command, and what a lookup returns.
+
+Field names are defined once (:class:`Fields`) and used by these models, by the index definition
+(:mod:`cache_core.index`) and by the queries (:mod:`cache_core.query`).
+
+Scope values are arbitrary strings (a tenant may be called ``acme} | @tenant:{*``). They are stored as given under
+``$.scope`` for people to read, and indexed under ``$.tags`` as ``"x" + hex(utf-8)``: RediSearch trims, splits on
+separators and folds case in TAG values, and a hex token has none of those problems, so a scope matches only
+itself, byte for byte. See :func:`tag_token`.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import math
+import re
+import time
+import unicodedata
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Fields",
+    "Status",
+    "Decision",
+    "Scope",
+    "FlagReason",
+    "Provenance",
+    "Moderation",
+    "CacheEntry",
+    "EntryView",
+    "WriteCommand",
+    "LookupResult",
+    "normalize_prompt",
+    "prompt_hash",
+    "entry_id",
+    "tag_token",
+    "untag_token",
+    "FLAG_PATTERN",
+]
+
+SCHEMA_VERSION = 1
+FLAG_PATTERN = r"^[a-z0-9][a-z0-9_.:-]{0,63}$"
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+class Fields:
+    """Names of the document's fields, as JSON keys and as index attribute names."""
+
+    VERSION = "v"
+    ID = "id"
+    PROMPT = "prompt"
+    PROMPT_HASH = "prompt_hash"
+    EMBEDDING = "embedding"
+    RESPONSE = "response"
+    SCOPE = "scope"
+    TAGS = "tags"
+    STATUS = "status"
+    FLAGS = "flags"
+    GROUP = "group"
+    CREATED_AT = "created_at"
+    UPDATED_AT = "updated_at"
+    EXPIRES_AT = "expires_at"
+    CORE_SCOPE = ("tenant", "locale", "model")
+
+
+class Status(str, enum.Enum):
+    APPROVED = "approved"
+    PENDING_REVIEW = "pending_review"
+    REJECTED = "rejected"
+
+
+class Decision(str, enum.Enum):
+    """What the safety pipeline decides for a write: store approved, hold for review, or drop."""
+
+    APPROVE = "approve"
+    HOLD = "hold"
+    DROP = "drop"
+
+
+def _clean_text(value: str, field: str) -> str:
+    if "\x00" in value:
+        raise ValueError(f"{field} contains a NUL character")
+    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in value):
+        raise ValueError(f"{field} contains a lone surrogate (invalid UTF-8)")
+    return value
+
+
+class Scope(BaseModel):
+    """The hard boundary of a lookup: an entry only ever matches prompts of exactly the same scope."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tenant: str = Field(..., min_length=1, max_length=1024)
+    locale: str = Field("und", min_length=1, max_length=1024)
+    model: str = Field("default", min_length=1, max_length=1024)
+    extra: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("tenant", "locale", "model")
+    @classmethod
+    def _no_control(cls, value: str) -> str:
+        _clean_text(value, "scope value")
+        if _CONTROL.search(value):
+            raise ValueError("scope values may not contain control characters")
+        return value
+
+    @field_validator("extra")
+    @classmethod
+    def _extra_values(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, item in value.items():
+            if not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", key):
+                raise ValueError(f"extra scope field {key!r} must match [a-z][a-z0-9_]*")
+            if len(item) > 1024 or _CONTROL.search(item) or "\x00" in item:
+                raise ValueError(f"extra scope value of {key!r} is too long or has control characters")
+            _clean_text(item, "scope value")
+        return dict(sorted(value.items()))
+
+    def tags(self, extra_fields: tuple[str, ...] | list[str] = ()) -> dict[str, str]:
+        """The index tokens of this scope; every declared extra field gets one (missing means empty)."""
+        out = {name: tag_token(getattr(self, name)) for name in Fields.CORE_SCOPE}
+        for name in extra_fields:
+            out[name] = tag_token(self.extra.get(name, ""))
+        return out
+
+    def describe(self) -> str:
+        parts = [f"tenant={self.tenant!r}", f"locale={self.locale!r}", f"model={self.model!r}"]
+        parts += [f"{k}={v!r}" for k, v in self.extra.items()]
+        return " ".join(parts)
+
+
+class FlagReason(BaseModel):
+    """Why a flag was set. ``spans`` are character offsets, never the matched text (it may be PII)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    flag: str = Field(..., pattern=FLAG_PATTERN)
+    check: str = Field(..., max_length=64)
+    detail: str = Field("", max_length=500)
+    field: Literal["prompt", "response", "caller", "scope", ""] = ""
+    spans: list[tuple[int, int]] = Field(default_factory=list, max_length=100)
+
+
+class Provenance(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task_id: str | None = Field(None, max_length=200)
+    writer: str = Field("semcache", max_length=200)
+    source: str = Field("api", max_length=64)
+    lookup_id: str | None = Field(None, max_length=64)
+
+
+class Moderation(BaseModel):
+    """A moderator's decision. A later write of the same entry never overrides it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    status: Status
+    by: str = Field("", max_length=200)
+    at: float
+    reason: str = Field("", max_length=1000)
+
+
+class EntryView(BaseModel):
+    """An entry as shown to callers: the stored document without its embedding."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    v: int = SCHEMA_VERSION
+    id: str
+    prompt: str
+    prompt_hash: str
+    response: str
+    scope: Scope
+    status: Status
+    flags: list[str] = Field(default_factory=list)
+    reasons: list[FlagReason] = Field(default_factory=list)
+    group: str = ""
+    created_at: float
+    updated_at: float
+    expires_at: float
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    provenance: Provenance = Field(default_factory=Provenance)
+    moderation: Moderation | None = None
+    hit_count: int = 0
+    last_hit_at: float | None = None
+
+
+class CacheEntry(EntryView):
+    """The stored JSON document (one Redis JSON key per entry)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    embedding: list[float]
+    tags: dict[str, str]
+
+    @field_validator("embedding")
+    @classmethod
+    def _finite(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("embedding is empty")
+        if not all(math.isfinite(x) for x in value):
+            raise ValueError("embedding contains NaN or infinity")
+        return value
+
+    def view(self) -> EntryView:
+        return EntryView.model_validate(self.model_dump(exclude={"embedding", "tags"}))
+
+    def document(self) -> dict[str, Any]:
+        """The JSON document as stored (``JSON.SET key $ document``)."""
+        return self.model_dump(mode="json")
+
+
+class WriteCommand(BaseModel):
+    """What the read path (or the HTTP API) hands to the write queue after a miss. Plain JSON-able data."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(..., min_length=1)
+    response: str
+    scope: Scope
+    embedding: list[float] | None = None
+    ttl_seconds: int | None = Field(None, ge=1, le=10 * 365 * 24 * 3600)
+    flags: list[str] = Field(default_factory=list, max_length=32)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    finish_reason: str | None = Field(None, max_length=64)
+    group: str | None = Field(None, max_length=128)
+    source: str = Field("read_through", max_length=64)
+    lookup_id: str | None = Field(None, max_length=64)
+    requested_at: float = Field(default_factory=time.time)
+
+    @field_validator("prompt", "response")
+    @classmethod
+    def _text(cls, value: str, info: Any) -> str:
+        return _clean_text(value, info.field_name)
+
+    @field_validator("flags")
+    @classmethod
+    def _flags(cls, value: list[str]) -> list[str]:
+        for flag in value:
+            if not re.fullmatch(FLAG_PATTERN, flag):
+                raise ValueError(f"flag {flag[:70]!r} must match {FLAG_PATTERN}")
+        return sorted(set(value))
+
+    @field_validator("embedding")
+    @classmethod
+    def _embedding(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and not all(math.isfinite(x) for x in value):
+            raise ValueError("embedding contains NaN or infinity")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_size(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(value, default=str)) > 10_000:
+            raise ValueError("metadata is larger than 10,000 characters of JSON")
+        return value
+
+
+class LookupResult(BaseModel):
+    """The answer of :meth:`SemanticCache.lookup`. ``similarity`` is cosine similarity in [-1, 1]."""
+
+    hit: bool
+    entry: EntryView | None = None
+    similarity: float | None = None
+    strategy: Literal["exact", "semantic"] | None = None
+    lookup_id: str = ""
+    embed_ms: float = 0.0
+    search_ms: float = 0.0
+    total_ms: float = 0.0
+    threshold: float | None = None
+    degraded: str | None = None  # why Redis was not asked or failed: the miss is not a real miss
+
+    @property
+    def response(self) -> str | None:
+        return self.entry.response if self.entry else None
+
+
+_WS = re.compile(r"\s+")
+_TRAILING = re.compile(r"[\s.!?。？！]+$")
+
+
+def normalize_prompt(prompt: str) -> str:
+    """The form two prompts share when they are the same request: NFKC, case-folded, spaces collapsed,
+    trailing punctuation dropped.
+
+    >>> normalize_prompt("  What is   the Capital of France?? ")
+    'what is the capital of france'
+    """
+    text = unicodedata.normalize("NFKC", prompt).casefold()
+    text = _WS.sub(" ", text).strip()
+    return _TRAILING.sub("", text)
+
+
+def prompt_hash(prompt: str) -> str:
+    return hashlib.sha256(normalize_prompt(prompt).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def entry_id(prompt: str, scope: Scope) -> str:
+    """Deterministic id: a hash of the normalized prompt and the whole scope, so a rewrite overwrites one key."""
+    material = json.dumps(
+        [normalize_prompt(prompt), scope.tenant, scope.locale, scope.model, sorted(scope.extra.items())],
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(material.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def tag_token(value: str) -> str:
+    """Index token of a scope value: ``"x"`` + hex of its UTF-8 bytes. Only ``[0-9a-fx]``: nothing to escape.
+
+    >>> tag_token("Acme Inc")
+    'x41636d6520496e63'
+    """
+    return "x" + value.encode("utf-8").hex()
+
+
+def untag_token(token: str) -> str:
+    return bytes.fromhex(token[1:]).decode("utf-8")

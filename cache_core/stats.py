@@ -1,0 +1,190 @@
+"""Lookup statistics, recorded off the hot path.
+
+``StatsRecorder.record`` appends to an in-memory buffer and returns; a daemon thread folds the buffer into Redis
+once a second in one pipeline: per-minute counter hashes (``<index>:stats:<minute>``, kept 8 days), a latency
+histogram per minute, and per-entry hit counts (``<index>:hits``, ``<index>:lasthit``). A lookup never waits for
+Redis to count it, and a failing Redis loses statistics, never lookups. Entry documents are never touched here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from typing import Any
+
+import redis
+
+from .connection import text
+from .settings import Settings
+
+__all__ = ["StatsRecorder", "read_stats", "LATENCY_BUCKETS_MS", "hit_counts", "record_counters"]
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS_MS = (0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 200, 500, 1000, 5000)
+STATS_TTL_S = 8 * 24 * 3600
+
+
+def _bucket(ms: float) -> str:
+    for edge in LATENCY_BUCKETS_MS:
+        if ms <= edge:
+            return f"lat_le_{edge:g}"
+    return "lat_le_inf"
+
+
+def minute_key(settings: Settings, ts: float) -> str:
+    return settings.key(f"stats:{int(ts // 60) * 60}")
+
+
+def record_counters(client: redis.Redis, settings: Settings, counters: dict[str, float], ts: float | None = None) -> None:
+    """Add counters to the current minute (used by the worker for write decisions)."""
+    key = minute_key(settings, ts or time.time())
+    pipe = client.pipeline(transaction=False)
+    for name, value in counters.items():
+        if isinstance(value, float) and not value.is_integer():
+            pipe.hincrbyfloat(key, name, value)
+        else:
+            pipe.hincrby(key, name, int(value))
+    pipe.expire(key, STATS_TTL_S)
+    pipe.execute()
+
+
+class StatsRecorder:
+    """Buffers lookup outcomes and flushes them to Redis from a background thread."""
+
+    def __init__(self, client: redis.Redis, settings: Settings, *, interval_s: float = 1.0, max_buffer: int = 100_000):
+        self.client = client
+        self.settings = settings
+        self.interval_s = interval_s
+        self._buffer: deque[tuple] = deque(maxlen=max_buffer)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="semcache-stats", daemon=True)
+        self.dropped_flushes = 0
+        self._thread.start()
+
+    def record(self, *, outcome: str, strategy: str | None, total_ms: float, embed_ms: float, search_ms: float,
+               entry_id: str | None = None, saved: dict[str, float] | None = None) -> None:
+        self._buffer.append((time.time(), outcome, strategy, total_ms, embed_ms, search_ms, entry_id, saved))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        items = []
+        while self._buffer:
+            try:
+                items.append(self._buffer.popleft())
+            except IndexError:
+                break
+        per_minute: dict[str, Counter] = {}
+        hits: Counter = Counter()
+        last: dict[str, float] = {}
+        for ts, outcome, strategy, total_ms, embed_ms, search_ms, entry_id, saved in items:
+            c = per_minute.setdefault(minute_key(self.settings, ts), Counter())
+            c["lookups"] += 1
+            c[outcome] += 1
+            if strategy:
+                c[f"hit_{strategy}"] += 1
+            c[_bucket(total_ms)] += 1
+            c["total_ms_sum"] += total_ms
+            c["embed_ms_sum"] += embed_ms
+            c["search_ms_sum"] += search_ms
+            for name, value in (saved or {}).items():
+                c[f"saved_{name}"] += value
+            if entry_id:
+                hits[entry_id] += 1
+                last[entry_id] = ts
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for key, counter in per_minute.items():
+                for name, value in counter.items():
+                    if isinstance(value, float) and not float(value).is_integer():
+                        pipe.hincrbyfloat(key, name, value)
+                    else:
+                        pipe.hincrby(key, name, int(value))
+                pipe.expire(key, STATS_TTL_S)
+            for entry_id, n in hits.items():
+                pipe.hincrby(self.settings.key("hits"), entry_id, n)
+            if last:
+                pipe.hset(self.settings.key("lasthit"), mapping={k: repr(v) for k, v in last.items()})
+            pipe.execute()
+        except redis.RedisError as exc:
+            self.dropped_flushes += 1
+            log.debug("stats flush failed (%d lookups not counted): %s", len(items), exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.flush()
+
+
+def hit_counts(client: redis.Redis, settings: Settings, ids: list[str]) -> dict[str, tuple[int, float | None]]:
+    if not ids:
+        return {}
+    pipe = client.pipeline(transaction=False)
+    pipe.hmget(settings.key("hits"), ids)
+    pipe.hmget(settings.key("lasthit"), ids)
+    counts, lasts = pipe.execute()
+    return {
+        i: (int(c) if c else 0, float(t) if t else None) for i, c, t in zip(ids, counts, lasts)
+    }
+
+
+def _percentile(buckets: dict[str, int], q: float) -> float | None:
+    total = sum(buckets.values())
+    if not total:
+        return None
+    need = q * total
+    seen = 0
+    for edge in (*LATENCY_BUCKETS_MS, float("inf")):
+        seen += buckets.get(f"lat_le_{edge:g}" if edge != float("inf") else "lat_le_inf", 0)
+        if seen >= need:
+            return edge
+    return float("inf")
+
+
+def read_stats(client: redis.Redis, settings: Settings, *, minutes: int = 60, now: float | None = None) -> dict[str, Any]:
+    """Totals and per-minute series over the last ``minutes``; latency percentiles are histogram upper bounds."""
+    now = now or time.time()
+    start = int(now // 60) * 60 - (minutes - 1) * 60
+    stamps = [start + 60 * i for i in range(minutes)]
+    pipe = client.pipeline(transaction=False)
+    for ts in stamps:
+        pipe.hgetall(settings.key(f"stats:{ts}"))
+    rows = pipe.execute()
+    totals: Counter = Counter()
+    series = []
+    for ts, row in zip(stamps, rows):
+        values = {text(k): float(text(v)) for k, v in (row or {}).items()}
+        totals.update(values)
+        series.append({"minute": ts, **values})
+    buckets = {k: int(v) for k, v in totals.items() if k.startswith("lat_le_")}
+    lookups = totals.get("lookups", 0)
+    hits = totals.get("hit", 0)
+    saved_in = totals.get("saved_prompt_tokens", 0)
+    saved_out = totals.get("saved_completion_tokens", 0)
+    return {
+        "minutes": minutes,
+        "lookups": int(lookups),
+        "hits": int(hits),
+        "misses": int(totals.get("miss", 0)),
+        "degraded": int(totals.get("degraded", 0)),
+        "hit_rate": (hits / lookups) if lookups else 0.0,
+        "hits_exact": int(totals.get("hit_exact", 0)),
+        "hits_semantic": int(totals.get("hit_semantic", 0)),
+        "latency_ms": {"p50": _percentile(buckets, 0.5), "p95": _percentile(buckets, 0.95),
+                       "p99": _percentile(buckets, 0.99)},
+        "mean_embed_ms": (totals.get("embed_ms_sum", 0) / lookups) if lookups else 0.0,
+        "mean_search_ms": (totals.get("search_ms_sum", 0) / lookups) if lookups else 0.0,
+        "saved_prompt_tokens": int(saved_in),
+        "saved_completion_tokens": int(saved_out),
+        "saved_money": saved_in / 1000 * settings.price_per_1k_input_tokens
+        + saved_out / 1000 * settings.price_per_1k_output_tokens,
+        "writes": {d: int(totals.get(f"write_{d}", 0)) for d in ("approve", "hold", "drop", "invalid")},
+        "series": series,
+    }

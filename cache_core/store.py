@@ -1,0 +1,251 @@
+"""The write side's storage functions: build an entry from a command, write it atomically, change its status,
+delete entries, read entries for people. Called by the worker (and by synchronous writers in tests and ``eval``),
+never by the read path.
+
+Every write is one ``MULTI``: ``JSON.SET`` + ``EXPIREAT`` + an audit record (``XADD`` to ``<index>:audit`` with a
+bounded length), so no document ever exists without its TTL and no write goes unaudited. A ``WATCH`` on the key
+makes the moderator check and the write one step: a late duplicate write never overrides a moderator's decision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from typing import Any, Iterable, Literal
+
+import redis
+
+from .connection import text
+from .errors import BackendUnavailable, InvalidInput
+from .schema import (
+    SCHEMA_VERSION,
+    CacheEntry,
+    EntryView,
+    FlagReason,
+    Moderation,
+    Provenance,
+    Scope,
+    Status,
+    WriteCommand,
+    entry_id,
+    normalize_prompt,
+    prompt_hash,
+)
+from .settings import Settings
+
+__all__ = [
+    "build_entry",
+    "write_entry",
+    "set_status",
+    "delete_entries",
+    "get_entry",
+    "get_document",
+    "answer_group",
+    "audit",
+    "audit_history",
+    "WriteOutcome",
+    "write_command",
+]
+
+log = logging.getLogger(__name__)
+
+WriteOutcome = Literal["written", "kept_moderated"]
+
+# Fields audit records may carry. Prompts and responses are never copied into the audit stream (they may hold PII).
+_AUDIT_FIELDS = ("event", "id", "status", "by", "reason", "task_id", "flags", "tenant", "decision", "count")
+
+
+def answer_group(response: str) -> str:
+    """Entries whose responses are the same text (after normalization) share an answer group."""
+    return hashlib.sha256(normalize_prompt(response).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def build_entry(
+    command: WriteCommand,
+    *,
+    settings: Settings,
+    embedding: list[float],
+    status: Status = Status.APPROVED,
+    flags: Iterable[str] = (),
+    reasons: Iterable[FlagReason] = (),
+    provenance: Provenance | None = None,
+    ttl_seconds: int | None = None,
+    now: float | None = None,
+) -> CacheEntry:
+    now = now or time.time()
+    ttl = ttl_seconds or command.ttl_seconds or settings.ttl_seconds
+    unknown = set(command.scope.extra) - set(settings.extra_scope_fields)
+    if unknown:
+        raise InvalidInput(f"unknown extra scope fields {sorted(unknown)}; declared: {settings.extra_scope_fields}",
+                           field="scope")
+    return CacheEntry(
+        v=SCHEMA_VERSION,
+        id=entry_id(command.prompt, command.scope),
+        prompt=command.prompt,
+        prompt_hash=prompt_hash(command.prompt),
+        embedding=[float(x) for x in embedding],
+        response=command.response,
+        scope=command.scope,
+        tags=command.scope.tags(settings.extra_scope_fields),
+        status=status,
+        flags=sorted(set(flags) | set(command.flags)),
+        reasons=list(reasons),
+        group=command.group or answer_group(command.response),
+        created_at=now,
+        updated_at=now,
+        expires_at=now + ttl,
+        metadata=command.metadata,
+        provenance=provenance or Provenance(source=command.source, lookup_id=command.lookup_id),
+    )
+
+
+def audit(pipe: Any, settings: Settings, **fields: Any) -> None:
+    """Queue an audit record on a pipeline (or client). Only whitelisted, non-sensitive fields are kept."""
+    record = {k: ("" if v is None else (json.dumps(v) if isinstance(v, (list, dict)) else str(v)))
+              for k, v in fields.items() if k in _AUDIT_FIELDS}
+    record["at"] = repr(time.time())
+    pipe.xadd(settings.key("audit"), record, maxlen=settings.audit_maxlen, approximate=True)
+
+
+def write_entry(client: redis.Redis, settings: Settings, entry: CacheEntry, *, task_id: str | None = None,
+                attempts: int = 5) -> WriteOutcome:
+    """Write one entry atomically (document, TTL and audit record), idempotent by id.
+
+    If the entry already carries a moderator's decision, that decision (status and moderation) is kept.
+    """
+    key = settings.key_prefix + entry.id
+    for _ in range(attempts):
+        try:
+            with client.pipeline(transaction=True) as pipe:
+                pipe.watch(key)
+                raw = pipe.execute_command("JSON.GET", key, "$.moderation")
+                moderation = None
+                if raw:
+                    found = json.loads(raw)
+                    moderation = found[0] if found else None
+                doc = entry.document()
+                outcome: WriteOutcome = "written"
+                if moderation:
+                    doc["moderation"] = moderation
+                    doc["status"] = moderation["status"]
+                    outcome = "kept_moderated"
+                pipe.multi()
+                pipe.execute_command("JSON.SET", key, "$", json.dumps(doc, ensure_ascii=False))
+                pipe.expireat(key, int(entry.expires_at) + 1)
+                audit(pipe, settings, event="write", id=entry.id, status=doc["status"], task_id=task_id,
+                      flags=entry.flags, tenant=entry.scope.tenant)
+                pipe.execute()
+                return outcome
+        except redis.WatchError:
+            continue
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"write of entry {entry.id} failed: {exc}") from exc
+    raise BackendUnavailable(f"write of entry {entry.id} kept conflicting with concurrent changes")
+
+
+def set_status(client: redis.Redis, settings: Settings, entry_id_: str, status: Status, *, by: str = "",
+               reason: str = "", response: str | None = None, tenant: str | None = None) -> bool:
+    """A moderator's decision (and optionally an edited response). Returns False when the entry is gone
+    (or belongs to another tenant than ``tenant``)."""
+    key = settings.key_prefix + entry_id_
+    moderation = Moderation(status=status, by=by, at=time.time(), reason=reason)
+    try:
+        with client.pipeline(transaction=True) as pipe:
+            pipe.watch(key)
+            current = pipe.execute_command("JSON.GET", key, "$.scope.tenant")
+            if not current:
+                return False
+            if tenant is not None and json.loads(current)[0] != tenant:
+                return False
+            pipe.multi()
+            pipe.execute_command("JSON.SET", key, "$.status", json.dumps(status.value))
+            pipe.execute_command("JSON.SET", key, "$.moderation", moderation.model_dump_json())
+            pipe.execute_command("JSON.SET", key, "$.updated_at", json.dumps(moderation.at))
+            if response is not None:
+                pipe.execute_command("JSON.SET", key, "$.response", json.dumps(response, ensure_ascii=False))
+                pipe.execute_command("JSON.SET", key, "$.group", json.dumps(answer_group(response)))
+            audit(pipe, settings, event="status", id=entry_id_, status=status.value, by=by, reason=reason,
+                  tenant=json.loads(current)[0])
+            pipe.execute()
+        return True
+    except redis.WatchError:
+        return set_status(client, settings, entry_id_, status, by=by, reason=reason, response=response,
+                          tenant=tenant)
+    except redis.RedisError as exc:
+        raise BackendUnavailable(f"status change of {entry_id_} failed: {exc}") from exc
+
+
+def delete_entries(client: redis.Redis, settings: Settings, ids: list[str], *, by: str = "", reason: str = "",
+                   tenant: str | None = None) -> int:
+    """Delete entries by id (only those of ``tenant`` when given). Returns how many were deleted."""
+    if not ids:
+        return 0
+    keys = [settings.key_prefix + i for i in ids]
+    if tenant is not None:
+        tenants = client.json().mget(keys, "$.scope.tenant")
+        keys = [k for k, t in zip(keys, tenants) if t and t[0] == tenant]
+        if not keys:
+            return 0
+    pipe = client.pipeline(transaction=True)
+    pipe.delete(*keys)
+    short = [k[len(settings.key_prefix):] for k in keys]
+    pipe.hdel(settings.key("hits"), *short)
+    pipe.hdel(settings.key("lasthit"), *short)
+    audit(pipe, settings, event="delete", id=short[0] if len(short) == 1 else "", count=len(short), by=by,
+          reason=reason, tenant=tenant)
+    deleted = pipe.execute()[0]
+    return int(deleted)
+
+
+def get_document(client: redis.Redis, settings: Settings, entry_id_: str) -> dict[str, Any] | None:
+    raw = client.execute_command("JSON.GET", settings.key_prefix + entry_id_)
+    return json.loads(raw) if raw else None
+
+
+def get_entry(client: redis.Redis, settings: Settings, entry_id_: str, *, tenant: str | None = None) -> EntryView | None:
+    """The entry without its embedding, with hit statistics; None when missing or of another tenant."""
+    from .stats import hit_counts
+
+    doc = get_document(client, settings, entry_id_)
+    if doc is None or (tenant is not None and doc.get("scope", {}).get("tenant") != tenant):
+        return None
+    doc.pop("embedding", None)
+    doc.pop("tags", None)
+    count, last = hit_counts(client, settings, [entry_id_]).get(entry_id_, (0, None))
+    doc["hit_count"], doc["last_hit_at"] = count, last
+    return EntryView.model_validate(doc)
+
+
+def audit_history(client: redis.Redis, settings: Settings, entry_id_: str, *, scan: int = 10_000) -> list[dict]:
+    """Audit records of one entry, newest first, among the last ``scan`` records of the stream."""
+    out = []
+    for record_id, fields in client.xrevrange(settings.key("audit"), count=scan):
+        row = {text(k): text(v) for k, v in fields.items()}
+        if row.get("id") == entry_id_:
+            row["record"] = text(record_id)
+            out.append(row)
+    return out
+
+
+def scope_of(doc: dict[str, Any]) -> Scope:
+    return Scope.model_validate(doc["scope"])
+
+
+def write_command(client: redis.Redis, settings: Settings, embedder: Any, command: WriteCommand, *,
+                  status: Status = Status.APPROVED, task_id: str | None = None) -> tuple[str, WriteOutcome]:
+    """Embed (if the command carries no vector) and write a command as one entry, with no safety checks.
+
+    The worker's pipeline validates and flags before it calls :func:`write_entry`; this plain writer is for
+    trusted, already-checked data (``semcache eval``, seeding, tests).
+    """
+    embedding = command.embedding
+    if embedding is None:
+        embedding = [float(x) for x in embedder.embed([command.prompt])[0]]
+    elif len(embedding) != embedder.dim:
+        raise InvalidInput(f"embedding has {len(embedding)} dimensions, the index has {embedder.dim}",
+                           field="embedding")
+    entry = build_entry(command, settings=settings, embedding=embedding, status=status,
+                        provenance=Provenance(task_id=task_id, source=command.source, lookup_id=command.lookup_id))
+    return entry.id, write_entry(client, settings, entry, task_id=task_id)
