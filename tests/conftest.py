@@ -17,6 +17,8 @@ from cache_core.connection import make_client  # noqa: E402
 from cache_core.embedded import EmbeddedRedis  # noqa: E402
 from cache_core.testing import test_settings  # noqa: E402
 
+pytest_plugins = ["tests.fixtures_worker", "tests.fixtures_web"]
+
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
