@@ -45,7 +45,7 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 FLAG_PATTERN = r"^[a-z0-9][a-z0-9_.:-]{0,63}$"
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # scope values are identifiers: no control characters at all
 
 
 class Fields:
