@@ -44,7 +44,7 @@ def _register() -> None:
     from . import cli_core
 
     cli_core.register(cli)
-    for name in ("cli_worker", "cli_web", "cli_quality", "cli_bench", "cli_ops"):
+    for name in ("cli_worker", "cli_web", "cli_quality", "cli_bench", "cli_ops", "cli_loadtest", "cli_demo"):
         try:
             module = __import__(f"semcache.{name}", fromlist=["register"])
         except ModuleNotFoundError as exc:
