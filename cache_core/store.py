@@ -4,7 +4,8 @@ never by the read path.
 
 Every write is one ``MULTI``: ``JSON.SET`` + ``EXPIREAT`` + an audit record (``XADD`` to ``<index>:audit`` with a
 bounded length), so no document ever exists without its TTL and no write goes unaudited. A ``WATCH`` on the key
-makes the moderator check and the write one step: a late duplicate write never overrides a moderator's decision.
+makes the moderator check and the write one step: a late duplicate write never overrides a moderator's decision,
+and a task that is delivered twice (after a worker crash) finds its own id in the document and writes nothing.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .settings import Settings
 __all__ = [
     "build_entry",
     "write_entry",
+    "write_entries",
     "set_status",
     "delete_entries",
     "get_entry",
@@ -51,7 +53,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-WriteOutcome = Literal["written", "kept_moderated"]
+WriteOutcome = Literal["written", "kept_moderated", "duplicate", "superseded"]
 
 # Fields audit records may carry. Prompts and responses are never copied into the audit stream (they may hold PII).
 _AUDIT_FIELDS = ("event", "id", "status", "by", "reason", "task_id", "flags", "tenant", "decision", "count")
@@ -113,36 +115,81 @@ def write_entry(client: redis.Redis, settings: Settings, entry: CacheEntry, *, t
                 attempts: int = 5) -> WriteOutcome:
     """Write one entry atomically (document, TTL and audit record), idempotent by id.
 
-    If the entry already carries a moderator's decision, that decision (status and moderation) is kept.
+    An entry that carries a moderator's decision is left as the moderator left it (``"kept_moderated"``): a late
+    write neither resurrects a rejected entry nor replaces a response a moderator approved or edited. With a
+    ``task_id``, a document already written by that task is not written again (``"duplicate"``): a redelivered
+    task leaves one document and one audit record.
     """
-    key = settings.key_prefix + entry.id
+    return write_entries(client, settings, [entry], task_id=task_id, attempts=attempts)[0]
+
+
+def write_entries(client: redis.Redis, settings: Settings, entries: list[CacheEntry], *,
+                  task_id: str | None = None, attempts: int = 5) -> list[WriteOutcome]:
+    """Write several entries in one transaction: one ``WATCH`` over their keys, two reads, one ``MULTI``.
+
+    Each entry gets the guarantees of :func:`write_entry` (its ``JSON.SET``, ``EXPIREAT`` and audit record are
+    in the same ``MULTI``). Entries with the same id: the last one is written, the others are ``"superseded"``.
+    Returns one outcome per entry, in order.
+    """
+    if not entries:
+        return []
+    keys = [settings.key_prefix + e.id for e in entries]
+    last = {key: i for i, key in enumerate(keys)}  # same id twice in one batch: only the last is written
+    unique = sorted(last.values())
     for _ in range(attempts):
         try:
             with client.pipeline(transaction=True) as pipe:
-                pipe.watch(key)
-                raw = pipe.execute_command("JSON.GET", key, "$.moderation")
-                moderation = None
-                if raw:
-                    found = json.loads(raw)
-                    moderation = found[0] if found else None
-                doc = entry.document()
-                outcome: WriteOutcome = "written"
-                if moderation:
-                    doc["moderation"] = moderation
-                    doc["status"] = moderation["status"]
-                    outcome = "kept_moderated"
+                watched = [keys[i] for i in unique]
+                pipe.watch(*watched)
+                # the reads go in one round trip on another connection; the WATCH still guards the keys until EXEC
+                reads = client.pipeline(transaction=False)
+                for key in watched:
+                    reads.type(key)
+                reads.execute_command("JSON.MGET", *watched, "$.moderation")
+                reads.execute_command("JSON.MGET", *watched, "$.provenance.task_id")
+                *types, found_mod, found_task = reads.execute()
+                foreign = [k for k, t in zip(watched, types) if text(t) not in ("none", "ReJSON-RL")]
+                if foreign:  # never overwrite (or set a TTL on) a key semcache did not write
+                    raise BackendUnavailable(f"key {foreign[0]} holds a {text(types[watched.index(foreign[0])])}, "
+                                             "not a cache entry; remove it or change SEMCACHE_INDEX")
+                outcomes: dict[int, WriteOutcome] = {}
                 pipe.multi()
-                pipe.execute_command("JSON.SET", key, "$", json.dumps(doc, ensure_ascii=False))
-                pipe.expireat(key, int(entry.expires_at) + 1)
-                audit(pipe, settings, event="write", id=entry.id, status=doc["status"], task_id=task_id,
-                      flags=entry.flags, tenant=entry.scope.tenant)
+                for i, raw_mod, raw_task in zip(unique, found_mod, found_task):
+                    entry = entries[i]
+                    moderation = _first(raw_mod)
+                    if task_id is not None and _first(raw_task) == task_id:
+                        outcomes[i] = "duplicate"
+                    elif moderation:
+                        outcomes[i] = "kept_moderated"
+                    else:
+                        pipe.execute_command("JSON.SET", keys[i], "$", json.dumps(entry.document(), ensure_ascii=False))
+                        pipe.expireat(keys[i], int(entry.expires_at) + 1)
+                        audit(pipe, settings, event="write", id=entry.id, status=entry.status.value, task_id=task_id,
+                              flags=entry.flags, tenant=entry.scope.tenant)
+                        outcomes[i] = "written"
                 pipe.execute()
-                return outcome
+            return [outcomes.get(i, "superseded") for i in range(len(entries))]
         except redis.WatchError:
             continue
         except redis.RedisError as exc:
-            raise BackendUnavailable(f"write of entry {entry.id} failed: {exc}") from exc
-    raise BackendUnavailable(f"write of entry {entry.id} kept conflicting with concurrent changes")
+            raise BackendUnavailable(f"write of {len(unique)} entr{'y' if len(unique) == 1 else 'ies'} "
+                                     f"({entries[unique[0]].id}...) failed: {exc}") from exc
+    raise BackendUnavailable(f"write of entry {entries[0].id} kept conflicting with concurrent changes")
+
+
+def _json(raw: Any) -> Any:
+    """A ``JSON.GET``/``JSON.MGET`` reply as data.
+
+    Replies are JSON text, unless someone called ``client.json()`` on the same client: redis-py then installs
+    decoding callbacks on the whole client, and later replies arrive already decoded. Both shapes are accepted.
+    """
+    return json.loads(raw) if isinstance(raw, (bytes, str)) else raw
+
+
+def _first(raw: Any) -> Any:
+    """The first match of a ``$`` path reply (``None`` for a missing key or path)."""
+    found = _json(raw) if raw else None
+    return found[0] if found else None
 
 
 def set_status(client: redis.Redis, settings: Settings, entry_id_: str, status: Status, *, by: str = "",
@@ -157,7 +204,7 @@ def set_status(client: redis.Redis, settings: Settings, entry_id_: str, status: 
             current = pipe.execute_command("JSON.GET", key, "$.scope.tenant")
             if not current:
                 return False
-            if tenant is not None and json.loads(current)[0] != tenant:
+            if tenant is not None and _first(current) != tenant:
                 return False
             pipe.multi()
             pipe.execute_command("JSON.SET", key, "$.status", json.dumps(status.value))
@@ -167,7 +214,7 @@ def set_status(client: redis.Redis, settings: Settings, entry_id_: str, status: 
                 pipe.execute_command("JSON.SET", key, "$.response", json.dumps(response, ensure_ascii=False))
                 pipe.execute_command("JSON.SET", key, "$.group", json.dumps(answer_group(response)))
             audit(pipe, settings, event="status", id=entry_id_, status=status.value, by=by, reason=reason,
-                  tenant=json.loads(current)[0])
+                  tenant=_first(current))
             pipe.execute()
         return True
     except redis.WatchError:
@@ -184,8 +231,8 @@ def delete_entries(client: redis.Redis, settings: Settings, ids: list[str], *, b
         return 0
     keys = [settings.key_prefix + i for i in ids]
     if tenant is not None:
-        tenants = client.json().mget(keys, "$.scope.tenant")
-        keys = [k for k, t in zip(keys, tenants) if t and t[0] == tenant]
+        tenants = client.execute_command("JSON.MGET", *keys, "$.scope.tenant")
+        keys = [k for k, t in zip(keys, tenants) if _first(t) == tenant]
         if not keys:
             return 0
     pipe = client.pipeline(transaction=True)
@@ -201,10 +248,11 @@ def delete_entries(client: redis.Redis, settings: Settings, ids: list[str], *, b
 
 def get_document(client: redis.Redis, settings: Settings, entry_id_: str) -> dict[str, Any] | None:
     raw = client.execute_command("JSON.GET", settings.key_prefix + entry_id_)
-    return json.loads(raw) if raw else None
+    return _json(raw) if raw else None
 
 
-def get_entry(client: redis.Redis, settings: Settings, entry_id_: str, *, tenant: str | None = None) -> EntryView | None:
+def get_entry(client: redis.Redis, settings: Settings, entry_id_: str, *,
+              tenant: str | None = None) -> EntryView | None:
     """The entry without its embedding, with hit statistics; None when missing or of another tenant."""
     from .stats import hit_counts
 

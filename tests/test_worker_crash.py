@@ -1,0 +1,127 @@
+"""Crashes under load, with workers (and a Redis) of the test's own: the session worker and server are not touched.
+
+- The worker's whole process group is SIGKILLed in the middle of a batch of writes; after a restart every command
+  is written exactly once (keys and audit records counted): redelivered messages find their task id in the
+  document and write nothing.
+- The cache's Redis (also the broker) is restarted on the same port and data dir under a working worker: tasks
+  fail, retry with backoff, and complete; again every command is written exactly once. The restart is a shutdown
+  (SIGTERM, the append-only file written out); what a SIGKILL of Redis can lose is described in docs/worker.md.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from cache_core.connection import make_client
+from cache_core.embedded import EmbeddedRedis, free_port
+from cache_core.tasks import WRITE_ENTRY
+from cache_core.testing import test_settings
+from tests.fixtures_worker import audit_writes, entry_keys, make_command
+from worker.tasks import WRITE_ENTRIES
+
+TOPICS = ("gravity", "magnetism", "friction", "buoyancy", "inertia", "entropy", "refraction", "momentum")
+
+
+def _commands(tenant: str, n: int) -> list[dict]:
+    # no vectors: each task runs the model, so the batch takes long enough to be interrupted
+    return [make_command(tenant, f"Explain {TOPICS[i % len(TOPICS)]} in simple words, variant {i}",
+                         f"A simple explanation, variant {i}.") for i in range(n)]
+
+
+def _send(app, commands: list[dict]) -> list:
+    """Most commands one task each, the last 40 as four write_entries batches of 10."""
+    results = [app.send_task(WRITE_ENTRY, kwargs={"command": c}) for c in commands[:-40]]
+    for start in range(len(commands) - 40, len(commands), 10):
+        results.append(app.send_task(WRITE_ENTRIES, kwargs={"commands": commands[start : start + 10]}))
+    return results
+
+
+def _wait_for_writes(client, settings, tenant: str, at_least: int, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        n = len(audit_writes(client, settings, tenant))
+        if n >= at_least:
+            return n
+        time.sleep(0.02)
+    raise AssertionError(f"fewer than {at_least} writes after {timeout}s")
+
+
+def _wait_all(results: list, worker, timeout: float = 300) -> None:
+    """Wait until every task has a result; on a timeout, say where the missing ones are."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not all(r.ready() for r in results):
+        time.sleep(0.25)
+    pending = [r for r in results if not r.ready()]
+    if pending:
+        broker = make_client(worker.settings.broker_url, timeout_ms=5000)
+        where = (f"queue {broker.llen('celery')}, unacknowledged {broker.zcard('unacked_index')}, "
+                 f"states {sorted({r.state for r in pending})}")
+        broker.close()
+        raise AssertionError(f"{len(pending)} task(s) without a result after {timeout}s ({where})\n"
+                             f"{worker.log_text()[-3000:]}")
+    failed = [r for r in results if r.state != "SUCCESS"]
+    assert not failed, [(r.state, str(r.result)[:200]) for r in failed]
+
+
+def _assert_exactly_once(client, settings, tenant: str, commands: list[dict]) -> None:
+    keys = entry_keys(client, settings, tenant)
+    records = audit_writes(client, settings, tenant)
+    assert len(keys) == len(commands)
+    assert len(records) == len(commands), f"{len(records)} audit records for {len(commands)} commands"
+    assert len({r["id"] for r in records}) == len(commands)
+    assert {settings.key_prefix + r["id"] for r in records} == set(keys)
+
+
+def test_sigkill_of_the_worker_mid_batch_writes_every_command_exactly_once(make_settings, worker_factory,
+                                                                           redis_client):
+    # a short visibility timeout, so that the messages the killed worker held come back within seconds
+    settings = make_settings(task_time_limit_s=10, retry_backoff_s=0.2, retry_backoff_max_s=1.0,
+                             broker_visibility_timeout_s=12)
+    worker = worker_factory(settings, concurrency=2)
+    tenant = f"k-{uuid.uuid4().hex[:8]}"
+    commands = _commands(tenant, 240)
+    results = _send(worker.app, commands)
+    written = _wait_for_writes(redis_client, worker.settings, tenant, 30)
+    worker.kill()
+    at_kill = len(audit_writes(redis_client, worker.settings, tenant))
+    assert written <= at_kill < len(commands), "the kill must land in the middle of the batch"
+    worker.start()
+    _wait_all(results, worker)
+    _assert_exactly_once(redis_client, worker.settings, tenant, commands)
+    outcomes = [r.result.get("outcome") for r in results if "outcome" in r.result]
+    assert set(outcomes) <= {"written", "duplicate"}
+
+
+def test_redis_restart_under_the_worker_tasks_retry_with_backoff_and_complete(tmp_path, worker_factory):
+    port = free_port()
+    server = EmbeddedRedis(tmp_path / "redis", port=port, appendonly=True)
+    url = server.start()
+    restarted = None
+    client = make_client(url, timeout_ms=5000)
+    try:
+        settings = test_settings(url, data_dir=tmp_path, task_time_limit_s=10, retry_backoff_s=0.5,
+                                 retry_backoff_max_s=2.0, max_retries=10, broker_visibility_timeout_s=15)
+        worker = worker_factory(settings, concurrency=2)
+        tenant = f"r-{uuid.uuid4().hex[:8]}"
+        commands = _commands(tenant, 160)
+        results = _send(worker.app, commands)
+        _wait_for_writes(client, worker.settings, tenant, 20)
+        server.stop()  # SIGTERM: Redis writes its append-only file and drops every connection
+        time.sleep(3)
+        restarted = EmbeddedRedis(tmp_path / "redis", port=port, appendonly=True)
+        assert restarted.start() == url
+        _wait_all(results, worker)
+        client.close()
+        client = make_client(url, timeout_ms=5000)
+        _assert_exactly_once(client, worker.settings, tenant, commands)
+        retried = [r.result for r in results if r.result.get("retries")]
+        assert retried, "some task must have met the outage and retried"
+        log = worker.log_text()
+        assert "retry 1 of 10" in log
+        worker.stop()
+    finally:
+        client.close()
+        for s in (restarted, server):
+            if s is not None:
+                s.stop()
