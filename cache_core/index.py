@@ -8,6 +8,7 @@ embedder differs from the one the entries were written with is refused, because 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -252,12 +253,14 @@ def migrate(
         keys = [text(k) for k in client.scan_iter(match=f"{settings.key_prefix}*", count=1000)]
         for start in range(0, len(keys), batch):
             chunk = keys[start : start + batch]
-            prompts = client.json().mget(chunk, f"$.{Fields.PROMPT}")
+            raw = client.execute_command("JSON.MGET", *chunk, f"$.{Fields.PROMPT}")
+            prompts = [json.loads(r) if isinstance(r, (str, bytes)) else r for r in raw]
             live = [(k, p[0]) for k, p in zip(chunk, prompts) if p]
             vectors = reembed([p for _, p in live]) if live else []
             pipe = client.pipeline(transaction=False)
             for (key, _), vector in zip(live, vectors):
-                pipe.json().set(key, f"$.{Fields.EMBEDDING}", [float(x) for x in vector], xx=True)
+                pipe.execute_command("JSON.SET", key, f"$.{Fields.EMBEDDING}", json.dumps([float(x) for x in vector]),
+                                     "XX")
             pipe.execute()
             rewritten += len(live)
             if progress:

@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 
+from cache_core.celeryconf import task_queue
 from cache_core.cache import SemanticCache
 from cache_core.embedded import free_port
 from cache_core.schema import WriteCommand
@@ -111,7 +112,7 @@ def test_a_message_that_is_not_json_at_all_is_discarded_and_the_worker_carries_o
     headers = {"lang": "py", "task": WRITE_ENTRY, "id": task_id, "root_id": task_id, "parent_id": None,
                "group": None, "retries": 0, "argsrepr": "", "kwargsrepr": ""}
     with celery_app.producer_or_acquire() as producer:
-        producer.publish(b'\xff\xfe[[], {"command": \xc3\x28}]', exchange="", routing_key="celery",
+        producer.publish(b'\xff\xfe[[], {"command": \xc3\x28}]', exchange="", routing_key=task_queue(worker_settings),
                          content_type="application/json", content_encoding="utf-8", headers=headers,
                          serializer=None)  # fmt: skip
     ok = run_task(celery_app, WRITE_ENTRY, command=make_command(t, "What is the boiling point of water?", "100 C."))

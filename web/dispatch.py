@@ -9,7 +9,6 @@ answer only the key that owns the task, and nobody learns about other tenants' t
 from __future__ import annotations
 
 import json
-import math
 import time
 import uuid
 from typing import Any
@@ -19,6 +18,7 @@ from celery import Celery
 from celery.backends.redis import RedisBackend
 from celery.result import AsyncResult
 
+from cache_core.celeryconf import shared_config
 from cache_core.errors import BackendUnavailable
 from cache_core.settings import Settings
 
@@ -55,42 +55,19 @@ class PollingRedisBackend(RedisBackend):
         return None
 
 
-def _visibility_timeout(settings: Settings) -> int:
-    """The broker's visibility timeout, computed as ``worker.app.visibility_timeout`` does (web may not import
-    worker): senders and the worker must agree on it, since kombu keeps it per queue."""
-    floor = settings.task_time_limit_s + math.ceil(settings.retry_backoff_max_s)
-    return settings.broker_visibility_timeout_s or 2 * floor
-
-
 def make_celery_client(settings: Settings, broker_url: str) -> Celery:
     """A Celery app that only sends tasks and reads results; its broker, result backend, serializers and transport
-    options mirror ``worker.app.create_celery`` (same URL for both, JSON only, Celery's default queue)."""
-    write_timeout = settings.redis_write_timeout_ms / 1000
-    vt = _visibility_timeout(settings)
+    options come from :mod:`cache_core.celeryconf`, as the worker's do (same URL for both, JSON only, the
+    deployment's queue)."""
     backend = broker_url
     if broker_url.startswith(("redis://", "rediss://", "unix://")):
         backend = f"web.dispatch:PollingRedisBackend+{broker_url}"  # Celery's "<class>+<url>" form
     app = Celery("semcache-web", broker=broker_url, backend=backend, set_as_current=False)
     app.conf.update(
-        task_serializer="json",
-        result_serializer="json",
-        event_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
-        task_track_started=True,
+        **shared_config(settings),
         broker_connection_retry_on_startup=False,
         broker_connection_timeout=max(settings.enqueue_timeout_ms / 1000, 0.5),
-        broker_transport_options={
-            "visibility_timeout": vt,
-            "socket_timeout": max(5.0, write_timeout),
-            "socket_connect_timeout": 5.0,
-            "health_check_interval": 10,
-        },
-        result_expires=24 * 3600,
         result_backend_transport_options={"retry_policy": _QUICK_RETRY},  # a state read fails fast: 503, not a hang
-        redis_socket_timeout=max(5.0, write_timeout),
-        redis_socket_connect_timeout=5.0,
-        redis_backend_health_check_interval=10,
     )
     return app
 

@@ -31,6 +31,7 @@ from celery import Celery
 from celery.exceptions import CPendingDeprecationWarning
 from celery.signals import worker_process_init
 
+from cache_core.celeryconf import shared_config, visibility_timeout
 from cache_core.connection import open_redis, with_db
 from cache_core.errors import ConfigError
 from cache_core.index import IndexSpec, ensure_index
@@ -51,23 +52,6 @@ def broker_url_for(settings: Settings, redis_url: str | None = None) -> str:
     return with_db(redis_url or cache_url(settings), 1)
 
 
-def visibility_timeout(settings: Settings) -> int:
-    """Seconds before the broker hands an unacknowledged message to another worker.
-
-    >>> visibility_timeout(Settings(task_time_limit_s=300, retry_backoff_max_s=60))
-    720
-    """
-    floor = settings.task_time_limit_s + math.ceil(settings.retry_backoff_max_s)
-    if settings.broker_visibility_timeout_s:
-        if settings.broker_visibility_timeout_s <= floor:
-            raise ConfigError(
-                f"SEMCACHE_BROKER_VISIBILITY_TIMEOUT_S={settings.broker_visibility_timeout_s} must exceed the task "
-                f"time limit plus the longest retry delay ({floor}s), or tasks waiting for a retry run twice"
-            )
-        return settings.broker_visibility_timeout_s
-    return 2 * floor
-
-
 def create_celery(settings: Settings, *, redis_url: str | None = None) -> Celery:
     """The Celery app for these settings, with the semcache tasks registered.
 
@@ -78,44 +62,33 @@ def create_celery(settings: Settings, *, redis_url: str | None = None) -> Celery
 
     url = broker_url_for(settings, redis_url)
     vt = visibility_timeout(settings)
-    write_timeout = settings.redis_write_timeout_ms / 1000
     app = Celery("semcache", broker=url, backend=url, set_as_current=False)
+    shared = shared_config(settings)
+    transport = shared.pop("broker_transport_options")
     app.conf.update(
-        task_serializer="json",
-        result_serializer="json",
-        event_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
+        **shared,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_time_limit=settings.task_time_limit_s,
         task_soft_time_limit=max(1, settings.task_time_limit_s - max(1, settings.task_time_limit_s // 10)),
-        task_track_started=True,
         # A retry is published while Redis may be restarting: keep trying for about 15 s before giving up.
         task_publish_retry=True,
         task_publish_retry_policy={"max_retries": 10, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2},
         broker_connection_retry_on_startup=True,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         broker_transport_options={
-            "visibility_timeout": vt,
+            **transport,
             # look for messages of crashed workers often enough to redeliver them soon after they become visible
             "unacked_restore_interval": max(1, min(10, vt // 10)),
             "unacked_restore_throttle": 1,
             # the lock of that sweep outlives a crashed holder by this much (kombu's default is 5 minutes)
             "unacked_mutex_expire": min(300, vt),
-            "socket_timeout": max(5.0, write_timeout),
-            "socket_connect_timeout": 5.0,
-            "health_check_interval": 10,
         },
-        result_expires=24 * 3600,
         result_backend_always_retry=True,
         result_backend_max_retries=30,
         result_backend_base_sleep_between_retries_ms=100,
         result_backend_max_sleep_between_retries_ms=2000,
-        redis_socket_timeout=max(5.0, write_timeout),
-        redis_socket_connect_timeout=5.0,
-        redis_backend_health_check_interval=10,
         worker_send_task_events=False,
     )
     app.semcache_settings = settings

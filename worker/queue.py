@@ -50,6 +50,8 @@ def _publisher(app: Celery) -> Celery:
     publisher.conf.update(
         task_serializer="json",
         accept_content=["json"],
+        task_default_queue=app.conf.task_default_queue,
+        task_default_routing_key=app.conf.task_default_routing_key,
         broker_transport_options=dict(app.conf.broker_transport_options or {}),
         broker_connection_retry_on_startup=False,
     )
