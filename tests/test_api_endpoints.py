@@ -298,6 +298,8 @@ def test_redis_down_is_503_never_a_trace(embedder, tmp_path):
                      embedder=embedder)
     client = app.test_client()
     headers = {"Authorization": "Bearer sc_0123456789ab_" + "A" * 43}
+    # a key never verified cannot be checked while Redis is down: 503 (a known key gets a degraded miss, see
+    # tests/test_reliability_redis.py)
     assert error_of(client.post("/api/v1/lookup", headers=headers, json={"prompt": "hi"}), 503)["code"] == "unavailable"
     assert error_of(client.get("/api/v1/stats", headers=headers), 503)["code"] == "unavailable"
     ready = client.get("/readyz")

@@ -76,6 +76,7 @@ def test_checksums():
     ("I'm sorry, but I can't help with that.", {}, "nonanswer:refusal"),
     ("I\u2019m afraid I cannot assist with that request.", {}, "nonanswer:refusal"),
     ("As an AI language model, I cannot browse the internet.", {}, "nonanswer:refusal"),
+    ("I'm sorry, but as an AI I cannot help with that.", {}, "nonanswer:refusal"),
 ])  # fmt: skip
 def test_non_answers_are_dropped(response, extra, flag):
     verdict = evaluate("What is the capital of France?", response, **extra)

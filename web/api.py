@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from typing import Any
 
 import redis
-from flask import Blueprint, g, jsonify, request
+from flask import Blueprint, current_app, g, jsonify, request
 from pydantic import ValidationError
 
 from cache_core import browse
 from cache_core.apikeys import ApiKey, verify_key
+from cache_core.connection import make_client
 from cache_core.errors import BackendUnavailable
 from cache_core.schema import WriteCommand, entry_id
 from cache_core.stats import read_stats
@@ -59,11 +61,67 @@ def _authenticate() -> None:
         raise ApiError(401, "send an API key: Authorization: Bearer <key> (create one with `semcache keys create`)",
                        headers={"WWW-Authenticate": 'Bearer realm="semcache"'})
     st = state()
-    key = verify_key(st.redis, st.settings, presented.strip())
+    if request.endpoint == "api.lookup":  # issue 7: a lookup answers a degraded miss while Redis is down
+        key = _lookup_key(presented.strip())
+    else:
+        key = verify_key(st.redis, st.settings, presented.strip())
     if key is None:
         raise ApiError(401, "invalid or revoked API key", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    if request.endpoint == "api.lookup" and _lookup_auth().known_down():
+        g.api_key = key  # the rate limit fails open while Redis is down: its counter lives there
+        return
     _rate_limit(key)
     g.api_key = key
+
+
+class _LookupAuth:
+    """Keys verified recently, and whether Redis is known to be down, so lookups keep answering (a degraded miss).
+
+    Writes and admin reads keep failing with 503 while Redis is down; only ``POST /lookup`` uses this. A key is
+    remembered (as a digest, see :class:`web.proxy.KeyMemo`) for ``SEMCACHE_PROXY_KEY_GRACE_S`` after its last
+    successful check; its checks use a client with at most a 1 s timeout, and after a failure Redis is not asked
+    again for ``SEMCACHE_BREAKER_COOLDOWN_MS``.
+    """
+
+    def __init__(self, st: Any) -> None:
+        from .proxy import KeyMemo
+
+        self.settings = st.settings
+        self.memo = KeyMemo(st.settings.proxy_key_grace_s)
+        self.client = make_client(st.handle.url, timeout_ms=min(st.settings.redis_write_timeout_ms, 1000))
+        self.down_until = 0.0
+
+    def known_down(self) -> bool:
+        return time.monotonic() < self.down_until
+
+    def failed(self) -> None:
+        self.down_until = time.monotonic() + self.settings.breaker_cooldown_ms / 1000
+
+
+def _lookup_auth() -> _LookupAuth:
+    auth = current_app.extensions.get("semcache_api_lookup_auth")
+    if auth is None:
+        auth = current_app.extensions.setdefault("semcache_api_lookup_auth", _LookupAuth(state()))
+    return auth
+
+
+def _lookup_key(presented: str) -> ApiKey | None:
+    auth = _lookup_auth()
+    if not auth.known_down():
+        try:
+            key = verify_key(auth.client, auth.settings, presented)
+        except BackendUnavailable:
+            auth.failed()
+        else:
+            if key is None:
+                auth.memo.forget(presented)
+            else:
+                auth.memo.remember(presented, key)
+            return key
+    key = auth.memo.recall(presented)
+    if key is None:
+        raise BackendUnavailable("Redis is unavailable, so this API key cannot be checked now; try again shortly")
+    return key
 
 
 def _rate_limit(key: ApiKey) -> None:
@@ -99,7 +157,10 @@ def _require_admin() -> ApiKey:
 def _body() -> Any:
     if request.content_length is not None and request.content_length > state().settings.max_request_bytes:
         raise ApiError(413, f"the request body is larger than {state().settings.max_request_bytes} bytes")
-    body = request.get_json(force=True, silent=True)
+    try:
+        body = request.get_json(force=True, silent=True)
+    except RecursionError:  # issue 7: JSON nested deeper than the parser's recursion limit is bad input, not a 500
+        body = None
     if body is None:
         raise ApiError(400, "the body must be a JSON object (Content-Type: application/json)", code="invalid_input",
                        field="body")
@@ -132,7 +193,14 @@ def lookup():
     if len(body.prompt) > st.settings.max_prompt_chars:
         raise ApiError(400, f"prompt: longer than {st.settings.max_prompt_chars} characters", code="invalid_input",
                        field="prompt")
-    result = st.cache().lookup(body.prompt, scope, min_similarity=body.min_similarity)
+    try:
+        result = st.cache().lookup(body.prompt, scope, min_similarity=body.min_similarity)
+    except (BackendUnavailable, redis.RedisError) as exc:  # issue 7: Redis down or slow is a miss, not a 503
+        _lookup_auth().failed()
+        return jsonify({"hit": False, "entry": None, "similarity": None, "strategy": None,
+                        "lookup_id": uuid.uuid4().hex, "nearest_similarity": None, "threshold": None,
+                        "timings_ms": {"embed": 0.0, "search": 0.0, "total": 0.0},
+                        "degraded": (str(exc) or type(exc).__name__)[:300]})
     return jsonify({
         "hit": result.hit,
         "entry": result.entry.model_dump(mode="json") if result.entry else None,
@@ -143,6 +211,7 @@ def lookup():
         "threshold": result.threshold,
         "timings_ms": {"embed": round(result.embed_ms, 3), "search": round(result.search_ms, 3),
                        "total": round(result.total_ms, 3)},
+        "degraded": result.degraded,
     })  # fmt: skip
 
 

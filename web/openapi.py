@@ -44,6 +44,8 @@ def _schemas() -> dict[str, Any]:
             "threshold": {"type": ["number", "null"]},
             "timings_ms": {"type": "object", "properties": {"embed": {"type": "number"}, "search": {"type": "number"},
                                                             "total": {"type": "number"}}},
+            "degraded": {"type": ["string", "null"], "description": "Why Redis was not asked or failed: this miss "
+                         "is not a real miss (Redis down or slow; the lookup still answers 200)."},
         },
     }  # fmt: skip
     out["TaskAccepted"] = {"type": "object", "required": ["task_id"], "properties": {

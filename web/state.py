@@ -38,7 +38,8 @@ class WebState:
         return self.handle.writer()
 
     def cache(self) -> SemanticCache:
-        """The app's one SemanticCache: strict (a Redis failure is a 503, not a silent miss), counting stats."""
+        """The app's one SemanticCache: strict (a Redis failure raises; ``POST /lookup`` turns it into a degraded miss,
+        other readers into a 503), counting stats."""
         if self._cache is None:
             with self._lock:
                 if self._cache is None:

@@ -270,7 +270,8 @@ class NonAnswerCheck:
 
 _REFUSAL = re.compile(
     r"""^\W*(?:
-        (?:i'?m|i\ am)\ (?:so\ |very\ |truly\ )?(?:sorry|afraid)[,.!]?\s+(?:but\s+)?(?:i\s+|i'?m\s+|i\ am\s+)?
+        (?:i'?m|i\ am)\ (?:so\ |very\ |truly\ )?(?:sorry|afraid)[,.!]?\s+(?:but\s+)?
+            (?:as\ an\ ai(?:\ language\ model|\ model|\ assistant)?,?\s+)?(?:i\s+|i'?m\s+|i\ am\s+)?
             (?:can'?t|cannot|can\ not|unable|not\ able|won'?t|will\ not|must\ decline)\b
       | (?:sorry|unfortunately|apologies)[,.!]?\s+(?:but\s+)?i\ (?:can'?t|cannot|won'?t|am\ unable|'m\ unable
             |am\ not\ able|must\ decline)\b
