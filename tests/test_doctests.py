@@ -1,0 +1,15 @@
+"""The examples in cache_core's docstrings are run, so they stay true."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["cache_core.schema", "cache_core.settings", "cache_core.celeryconf", "cache_core.testing",
+           "cache_core.policy"]
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_docstring_examples(module):
+    failures, tried = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert tried > 0 and failures == 0
