@@ -58,6 +58,10 @@ def create_app(settings: Settings, *, redis_handle: RedisHandle | None = None, e
 
     for module in (health, api, auth, overview, entries, review, purge, deadletters, actions):
         app.register_blueprint(module.bp)
+    from . import metrics, proxy  # issue 8: /metrics and the OpenAI-compatible proxy (/v1)
+
+    app.register_blueprint(metrics.bp)
+    app.register_blueprint(proxy.bp)
 
     register_error_handlers(app)
     add_security_headers(app)
