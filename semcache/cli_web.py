@@ -70,7 +70,8 @@ def _warm_up(worker: Any) -> None:
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port to listen on.")
 @click.option("--workers", type=click.IntRange(1, 64), default=2, show_default=True,
               help="gunicorn worker processes (each loads the embedding model once).")
-@click.option("--threads", type=click.IntRange(1, 64), default=4, show_default=True, help="Threads per worker.")
+@click.option("--threads", type=click.IntRange(1, 64), default=16, show_default=True,
+              help="Threads per worker (proxy misses hold one for the whole LLM answer).")
 @click.option("--timeout", type=click.IntRange(5, 3600), default=60, show_default=True,
               help="Seconds before a silent worker is restarted.")
 @click.option("--debug", is_flag=True, help="Flask's development server instead of gunicorn (debugging only).")
