@@ -108,7 +108,9 @@ class SemanticCache:
         self.client = client
         self.embedder = embedder
         self.write_queue = write_queue or NullWriteQueue()
-        self.policy = policy or make_policy(settings.policy)
+        self.policy = policy or make_policy(settings.policy, settings)
+        # a scope's calibration may name another policy (``semcache calibrate --policy``): built once, on demand
+        self._policies: dict[str, MatchPolicy] = {self.policy.name: self.policy}
         self.stats = stats
         self.strict = settings.strict if strict is None else strict
         self.index_name = alias_name(settings)
@@ -133,7 +135,7 @@ class SemanticCache:
         handle = open_redis(settings)
         try:
             embedder = embedder or load_embedder(settings.model, backend=settings.embedding_backend,
-                                                 cache_size=settings.embedding_cache_size)
+                                                 cache_size=settings.embedding_cache_size, data_dir=settings.data_dir)
             ensure_index(handle.writer(), IndexSpec(settings=settings, dim=embedder.dim, model_name=embedder.name))
             recorder = StatsRecorder(handle.writer(), settings) if stats else None
             cache = cls(settings, handle.reader(), embedder, write_queue=write_queue, stats=recorder, ensure=False,
@@ -164,6 +166,8 @@ class SemanticCache:
             value = scope if isinstance(scope, Scope) else Scope.model_validate(dict(scope))
         except ValidationError as exc:
             raise InvalidInput(f"invalid scope: {exc.errors()[0]['msg']}", field="scope") from exc
+        except (TypeError, ValueError) as exc:  # not a mapping at all (None, a list, a number): issue 7 fuzzing
+            raise InvalidInput(f"invalid scope: a mapping, not {type(scope).__name__}", field="scope") from exc
         limit = self.settings.max_scope_value_chars
         for name in ("tenant", "locale", "model"):
             if len(getattr(value, name)) > limit:
@@ -221,28 +225,42 @@ class SemanticCache:
         embed_ms = (time.perf_counter() - t0) * 1000
         return self._semantic_phase(ctx, vector, embed_ms), vector
 
-    def _exact_phase(self, prompt: str, sc: Scope, min_similarity: float | None):
-        t0 = time.perf_counter()
-        ctx = {"t0": t0, "scope": sc, "prompt": prompt, "lookup_id": uuid.uuid4().hex, "min": min_similarity,
-               "params": {}}
-        if self._breaker.is_open():
-            return self._degraded(ctx, "redis unavailable (breaker open)"), ctx
-        key = self.settings.key_prefix + entry_id(prompt, sc)
-        try:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.execute_command("JSON.GET", key, *(f"$.{p}" for p in VIEW_PATHS))
-            pipe.hmget(self.settings.key("calibration"), ["*", f"t:{sc.tags()['tenant']}"])
-            raw, calibration = pipe.execute()
-        except redis.RedisError as exc:
-            return self._failed(ctx, exc), ctx
+    # Each phase is a request (the Redis commands to send) and a reply (what the answer means), so the sync path
+    # here and the asyncio path (cache_core.aio) share everything but the I/O.
+    def _begin(self, prompt: str, sc: Scope, min_similarity: float | None) -> dict:
+        return {"t0": time.perf_counter(), "scope": sc, "prompt": prompt, "lookup_id": uuid.uuid4().hex,
+                "min": min_similarity, "params": {}}
+
+    def _exact_request(self, ctx: dict) -> list[tuple]:
+        """The first round trip: the exact entry (by its deterministic id) and the scope's calibration."""
+        sc = ctx["scope"]
+        key = self.settings.key_prefix + entry_id(ctx["prompt"], sc)
+        return [("JSON.GET", key, *(f"$.{p}" for p in VIEW_PATHS)),
+                ("HMGET", self.settings.key("calibration"), "*", f"t:{sc.tags()['tenant']}")]
+
+    def _exact_reply(self, ctx: dict, replies: list[Any]) -> LookupResult | None:
+        raw, calibration = replies
         ctx["params"] = _merge_params(calibration)
         ctx["threshold"] = self._threshold(ctx)
-        ctx["search_ms"] = (time.perf_counter() - t0) * 1000
+        ctx["search_ms"] = (time.perf_counter() - ctx["t0"]) * 1000
         if raw:
-            entry = _exact_entry(raw, sc)
+            entry = _exact_entry(raw, ctx["scope"])
             if entry is not None:
-                return self._finish(ctx, entry, 1.0, "exact", embed_ms=0.0), ctx
-        return None, ctx
+                return self._finish(ctx, entry, 1.0, "exact", embed_ms=0.0)
+        return None
+
+    def _exact_phase(self, prompt: str, sc: Scope, min_similarity: float | None):
+        ctx = self._begin(prompt, sc, min_similarity)
+        if self._breaker.is_open():
+            return self._degraded(ctx, "redis unavailable (breaker open)"), ctx
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for command in self._exact_request(ctx):
+                pipe.execute_command(*command)
+            replies = pipe.execute()
+        except redis.RedisError as exc:
+            return self._failed(ctx, exc), ctx
+        return self._exact_reply(ctx, replies), ctx
 
     def _threshold(self, ctx: dict) -> float:
         if ctx["min"] is not None:
@@ -252,18 +270,16 @@ class SemanticCache:
     def _semantic_phase(self, ctx: dict, vector: np.ndarray, embed_ms: float) -> LookupResult:
         if "threshold" not in ctx:  # the exact phase already failed: ctx carries a degraded result
             return ctx["result"]
-        s = self.settings
-        filt, params = scope_filter(ctx["scope"], s.extra_scope_fields, status=Status.APPROVED, now=time.time())
-        k = int(ctx["params"].get("k", s.knn_k))
-        query, params = knn_query(filt, params, vector, k=k, ef_runtime=s.hnsw_ef_runtime, vector_type=s.vector_type)
         t1 = time.perf_counter()
         try:
-            reply = self.client.execute_command(*search_args(self.index_name, query, params, k))
+            reply = self.client.execute_command(*self._knn_request(ctx, vector))
         except redis.RedisError as exc:
             return self._failed(ctx, exc, embed_ms=embed_ms)
         ctx["search_ms"] += (time.perf_counter() - t1) * 1000
-        candidates = parse_knn(reply)
-        chosen = self.policy.choose(candidates, ctx["threshold"], ctx["params"])
+        return self._knn_reply(ctx, parse_knn(reply), embed_ms)
+
+    def _knn_reply(self, ctx: dict, candidates: list[Candidate], embed_ms: float) -> LookupResult:
+        chosen = self._policy_for(ctx["params"]).choose(candidates, ctx["threshold"], ctx["params"])
         if chosen is None:
             best = candidates[0].similarity if candidates else None
             return self._finish(ctx, None, best, None, embed_ms=embed_ms, candidates=candidates)
@@ -273,6 +289,47 @@ class SemanticCache:
             log.warning("skipping malformed entry %s", chosen.key)
             return self._finish(ctx, None, chosen.similarity, None, embed_ms=embed_ms)
         return self._finish(ctx, entry, chosen.similarity, "semantic", embed_ms=embed_ms, candidates=candidates)
+
+    def _knn_request(self, ctx: dict, vector: np.ndarray) -> list[Any]:
+        """The one FT.SEARCH: the k nearest approved, unexpired entries of the scope, nearest first."""
+        s = self.settings
+        filt, params = scope_filter(ctx["scope"], s.extra_scope_fields, status=Status.APPROVED, now=time.time())
+        k = _calibrated_k(ctx["params"], s.knn_k)
+        query, params = knn_query(filt, params, vector, k=k, ef_runtime=s.hnsw_ef_runtime, vector_type=s.vector_type)
+        return search_args(self.index_name, query, params, k)
+
+    def _knn(self, ctx: dict, vector: np.ndarray) -> list[Candidate]:
+        return parse_knn(self.client.execute_command(*self._knn_request(ctx, vector)))
+
+    def _policy_for(self, params: Mapping[str, Any]) -> MatchPolicy:
+        name = params.get("policy")
+        if not isinstance(name, str) or name == self.policy.name:
+            return self.policy
+        if name not in self._policies:
+            try:
+                self._policies[name] = make_policy(name, self.settings)
+            except ValueError:
+                log.warning("calibration names an unknown policy %r; using %s", name, self.policy.name)
+                return self.policy
+        return self._policies[name]
+
+    def candidates(self, prompt: str, scope: ScopeLike, *, vector: np.ndarray | None = None
+                   ) -> tuple[list[Candidate], float, dict[str, Any]]:
+        """What the policy would see for ``prompt``: the k nearest approved entries (nearest first), the
+        threshold and the scope's calibrated parameters. For evaluation and explanations; raises on Redis errors.
+        """
+        sc = self.scope(scope)
+        self._check_prompt(prompt)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hmget(self.settings.key("calibration"), ["*", f"t:{sc.tags()['tenant']}"])
+        try:
+            (calibration,) = pipe.execute()
+            ctx = {"scope": sc, "params": _merge_params(calibration), "min": None}
+            if vector is None:
+                vector = self.embedder.embed([prompt])[0]
+            return self._knn(ctx, vector), self._threshold(ctx), ctx["params"]
+        except redis.RedisError as exc:
+            raise BackendUnavailable(f"Redis failed while fetching candidates: {exc}") from exc
 
     def _finish(self, ctx: dict, entry: EntryView | None, similarity: float | None, strategy: str | None, *,
                 embed_ms: float, candidates: list[Candidate] | None = None) -> LookupResult:
@@ -288,9 +345,12 @@ class SemanticCache:
                 meta = entry.metadata
                 saved = {k: float(meta[k]) for k in ("prompt_tokens", "completion_tokens")
                          if isinstance(meta.get(k), (int, float))}
+            logged = None
+            if entry is not None and self.settings.feedback_window_s > 0:  # what feedback on this hit will need
+                logged = (ctx["lookup_id"], entry.id, float(similarity or 0.0), strategy, ctx["scope"])
             self.stats.record(outcome="hit" if entry else "miss", strategy=strategy, total_ms=total,
                               embed_ms=embed_ms, search_ms=result.search_ms,
-                              entry_id=entry.id if entry else None, saved=saved)
+                              entry_id=entry.id if entry else None, saved=saved, lookup=logged)
         return result
 
     def _failed(self, ctx: dict, exc: Exception, *, embed_ms: float = 0.0) -> LookupResult:
@@ -371,6 +431,12 @@ class SemanticCache:
         return Answer(response=gen.response, cached=False, lookup=result, task_id=task_id)
 
 
+def _calibrated_k(params: Mapping[str, Any], default: int) -> int:
+    """A scope's calibrated k, within the settings' bounds (a bad record must not crash or slow the read path)."""
+    k = params.get("k", default)
+    return min(max(k, 1), 100) if isinstance(k, int) and not isinstance(k, bool) else default
+
+
 def _merge_params(calibration: list[Any]) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for raw in calibration or []:
@@ -384,11 +450,12 @@ def _merge_params(calibration: list[Any]) -> dict[str, Any]:
 
 def _exact_entry(raw: Any, sc: Scope) -> EntryView | None:
     try:
-        found = json.loads(raw)
+        # a client on which redis-py's ``client.json()`` was used decodes JSON replies itself
+        found = raw if isinstance(raw, dict) else json.loads(raw)
         fields = {name: (found.get(f"$.{name}") or [None])[0] for name in VIEW_PATHS}
         fields = {k: v for k, v in fields.items() if v is not None}
         entry = EntryView.model_validate(fields)
-    except (ValueError, ValidationError, AttributeError):
+    except (ValueError, TypeError, ValidationError, AttributeError):
         return None
     if entry.status != Status.APPROVED or entry.expires_at <= time.time() or entry.scope != sc:
         return None

@@ -2,7 +2,8 @@
 
 ``StatsRecorder.record`` appends to an in-memory buffer and returns; a daemon thread folds the buffer into Redis
 once a second in one pipeline: per-minute counter hashes (``<index>:stats:<minute>``, kept 8 days), a latency
-histogram per minute, and per-entry hit counts (``<index>:hits``, ``<index>:lasthit``). A lookup never waits for
+histogram per minute, per-entry hit counts (``<index>:hits``, ``<index>:lasthit``) and, for every hit, the lookup log
+that feedback reads (``<index>:lookup:<lookup_id>``, kept ``SEMCACHE_FEEDBACK_WINDOW_S``). A lookup never waits for
 Redis to count it, and a failing Redis loses statistics, never lookups. Entry documents are never touched here.
 """
 
@@ -19,7 +20,8 @@ import redis
 from .connection import text
 from .settings import Settings
 
-__all__ = ["StatsRecorder", "read_stats", "LATENCY_BUCKETS_MS", "hit_counts", "record_counters"]
+__all__ = ["StatsRecorder", "read_stats", "LATENCY_BUCKETS_MS", "hit_counts", "record_counters", "lookup_totals",
+           "add_cumulative", "read_cumulative", "cumulative_key"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ def record_counters(client: redis.Redis, settings: Settings, counters: dict[str,
         else:
             pipe.hincrby(key, name, int(value))
     pipe.expire(key, STATS_TTL_S)
+    add_cumulative(pipe, settings, counters)
     pipe.execute()
 
 
@@ -65,8 +68,10 @@ class StatsRecorder:
         self._thread.start()
 
     def record(self, *, outcome: str, strategy: str | None, total_ms: float, embed_ms: float, search_ms: float,
-               entry_id: str | None = None, saved: dict[str, float] | None = None) -> None:
-        self._buffer.append((time.time(), outcome, strategy, total_ms, embed_ms, search_ms, entry_id, saved))
+               entry_id: str | None = None, saved: dict[str, float] | None = None, lookup: tuple | None = None) -> None:
+        """Buffer one lookup. ``lookup`` is ``(lookup_id, entry_id, similarity, strategy, scope)`` of a hit, logged
+        for :func:`cache_core.feedback.record_feedback`."""
+        self._buffer.append((time.time(), outcome, strategy, total_ms, embed_ms, search_ms, entry_id, saved, lookup))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -84,7 +89,11 @@ class StatsRecorder:
         per_minute: dict[str, Counter] = {}
         hits: Counter = Counter()
         last: dict[str, float] = {}
-        for ts, outcome, strategy, total_ms, embed_ms, search_ms, entry_id, saved in items:
+        logged = []
+        totals: Counter = Counter()  # for the cumulative hash of /metrics (see lookup_totals)
+        for ts, outcome, strategy, total_ms, embed_ms, search_ms, entry_id, saved, lookup in items:
+            if lookup is not None:
+                logged.append((ts, lookup))
             c = per_minute.setdefault(minute_key(self.settings, ts), Counter())
             c["lookups"] += 1
             c[outcome] += 1
@@ -94,6 +103,7 @@ class StatsRecorder:
             c["total_ms_sum"] += total_ms
             c["embed_ms_sum"] += embed_ms
             c["search_ms_sum"] += search_ms
+            totals.update(lookup_totals(outcome, strategy, total_ms, embed_ms, search_ms, saved))
             for name, value in (saved or {}).items():
                 c[f"saved_{name}"] += value
             if entry_id:
@@ -108,10 +118,16 @@ class StatsRecorder:
                     else:
                         pipe.hincrby(key, name, int(value))
                 pipe.expire(key, STATS_TTL_S)
+            add_cumulative(pipe, self.settings, totals)
             for entry_id, n in hits.items():
                 pipe.hincrby(self.settings.key("hits"), entry_id, n)
             if last:
                 pipe.hset(self.settings.key("lasthit"), mapping={k: repr(v) for k, v in last.items()})
+            if logged and self.settings.feedback_window_s > 0:
+                from .feedback import log_lookup  # feedback owns the record's format
+
+                for ts, lookup in logged:
+                    log_lookup(pipe, self.settings, *lookup, at=ts)
             pipe.execute()
         except redis.RedisError as exc:
             self.dropped_flushes += 1
@@ -188,3 +204,52 @@ def read_stats(client: redis.Redis, settings: Settings, *, minutes: int = 60, no
         "writes": {d: int(totals.get(f"write_{d}", 0)) for d in ("approve", "hold", "drop", "invalid")},
         "series": series,
     }
+
+
+# --- cumulative totals, for /metrics (issue 8) ----------------------------------------------------------------------
+# Prometheus wants counters that only grow and that every replica reports alike. The per-minute hashes expire (a sum
+# over them would shrink) and per-process counters differ between gunicorn workers, so every flush and every
+# ``record_counters`` call also adds its counts to one hash without a TTL, ``<index>:stats:total``, in the same
+# pipeline. Fields: ``lookups:<outcome>:<strategy|none>``, per timer (``total``, ``embed``, ``search``) the histogram
+# ``<timer>_le_<edge>`` (per bucket, not cumulative; ``inf`` last) with ``<timer>_ms_sum`` and ``<timer>_ms_count``,
+# ``saved_<kind>``, and whatever ``record_counters`` adds (``write_<decision>``, ``proxy_<result>``...).
+def cumulative_key(settings: Settings) -> str:
+    return settings.key("stats:total")
+
+
+def lookup_totals(outcome: str, strategy: str | None, total_ms: float, embed_ms: float, search_ms: float,
+                  saved: dict[str, float] | None) -> Counter:
+    """The cumulative fields one lookup adds. ``embed`` is observed only when the lookup embedded (an exact hit or a
+    lookup skipped for a broken Redis does not), ``search`` only when Redis was asked.
+
+    >>> sorted(lookup_totals("hit", "exact", 0.4, 0.0, 0.3, {"prompt_tokens": 9}).items())[:4]
+    [('lookups:hit:exact', 1), ('saved_prompt_tokens', 9), ('search_le_0.5', 1), ('search_ms_count', 1)]
+    """
+    out: Counter = Counter()
+    out[f"lookups:{outcome}:{strategy or 'none'}"] += 1
+    for timer, ms, observed in (("total", total_ms, True), ("embed", embed_ms, embed_ms > 0),
+                                ("search", search_ms, outcome != "degraded")):
+        if observed:
+            out[f"{timer}_le_{_bucket(ms)[len('lat_le_'):]}"] += 1
+            out[f"{timer}_ms_sum"] += ms
+            out[f"{timer}_ms_count"] += 1
+    for name, value in (saved or {}).items():
+        out[f"saved_{name}"] += value
+    return out
+
+
+def add_cumulative(pipe: Any, settings: Settings, counters: dict[str, float]) -> None:
+    """Queue the increments of ``counters`` to the cumulative hash on ``pipe`` (the caller executes it)."""
+    key = cumulative_key(settings)
+    for name, value in counters.items():
+        if not value:
+            continue
+        if isinstance(value, float) and not float(value).is_integer():
+            pipe.hincrbyfloat(key, name, value)
+        else:
+            pipe.hincrby(key, name, int(value))
+
+
+def read_cumulative(client: redis.Redis, settings: Settings) -> dict[str, float]:
+    """Every cumulative counter of the deployment (an empty dict before the first lookup or write)."""
+    return {text(k): float(text(v)) for k, v in (client.hgetall(cumulative_key(settings)) or {}).items()}

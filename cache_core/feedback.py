@@ -1,0 +1,196 @@
+"""Feedback on served answers: "this hit was right / wrong", by ``lookup_id``.
+
+The read path logs every hit, off the hot path (the :class:`~cache_core.stats.StatsRecorder` buffer), as
+``<index>:lookup:<lookup_id>`` for ``SEMCACHE_FEEDBACK_WINDOW_S``: which entry was served, at which similarity, in
+which scope. :func:`record_feedback` reads that record and updates the entry's own state, kept inside its
+``metadata`` under :data:`~cache_core.policy.FEEDBACK_KEY` so the one KNN query of the read path already returns it:
+
+- a *wrong* report at similarity ``s`` raises the similarity the entry requires to ``s + SEMCACHE_FEEDBACK_MARGIN``
+  (a per-entry adaptive threshold, the idea of vCache, arXiv 2502.03771: one global number is wrong for most
+  entries). Both policies honour it (:func:`~cache_core.policy.entry_floor`);
+- after ``SEMCACHE_FEEDBACK_DEMOTE_AFTER`` wrong reports that outnumber the correct ones, or one wrong report on an
+  exact hit (the answer itself is wrong, not the match), the entry goes to review (``pending_review``) and is no
+  longer served until a moderator approves it;
+- a *correct* report counts in the entry's favour (it delays demotion).
+
+Each lookup can be rated once; feedback is bound to the tenant of the lookup (a tenant's API key can only rate its
+own lookups). A rewrite of the entry by a new write (same prompt and scope) starts from a clean state, unless a
+moderator decided on it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+import redis
+from pydantic import BaseModel, Field
+
+from .connection import text
+from .errors import BackendUnavailable, InvalidInput, NotFound
+from .policy import FEEDBACK_KEY
+from .schema import Scope, Status
+from .settings import Settings
+from .stats import record_counters
+
+__all__ = ["FeedbackResult", "FeedbackState", "record_feedback", "apply_feedback", "log_lookup", "lookup_record"]
+
+_LOOKUP_ID = re.compile(r"^[0-9a-f]{32}$")
+_EXACT = 0.9999  # a similarity this high is the same prompt: a wrong report is about the answer itself
+
+
+class FeedbackState(BaseModel):
+    """An entry's feedback, as stored in ``metadata[FEEDBACK_KEY]``."""
+
+    wrong: int = Field(0, ge=0)
+    correct: int = Field(0, ge=0)
+    min_similarity: float = Field(-1.0, ge=-1.0, le=1.0, description="What this entry requires; -1: no floor.")
+    updated_at: float = 0.0
+
+
+class FeedbackResult(BaseModel):
+    """What :func:`record_feedback` did."""
+
+    lookup_id: str
+    entry_id: str
+    correct: bool
+    similarity: float
+    state: FeedbackState
+    demoted: bool = False
+    duplicate: bool = Field(False, description="This lookup was already rated; nothing changed.")
+
+
+def lookup_key(settings: Settings, lookup_id: str) -> str:
+    return settings.key(f"lookup:{lookup_id}")
+
+
+def log_lookup(pipe: Any, settings: Settings, lookup_id: str, entry_id: str, similarity: float,
+               strategy: str | None, scope: Scope, *, at: float | None = None) -> None:
+    """Queue the log record of one hit on a pipeline (called by the stats flush, never by the read path)."""
+    record = {
+        "entry": entry_id,
+        "similarity": repr(float(similarity)),
+        "strategy": strategy or "",
+        "tenant": scope.tenant,
+        "scope": scope.model_dump_json(),
+        "at": repr(at or time.time()),
+    }
+    key = lookup_key(settings, lookup_id)
+    pipe.hset(key, mapping=record)
+    pipe.expire(key, settings.feedback_window_s)
+
+
+def lookup_record(client: redis.Redis, settings: Settings, lookup_id: str, *, tenant: str | None = None
+                  ) -> dict[str, str] | None:
+    """The logged hit of ``lookup_id`` (None when unknown, expired, or of another tenant than ``tenant``)."""
+    if not isinstance(lookup_id, str) or not _LOOKUP_ID.fullmatch(lookup_id):
+        raise InvalidInput("must be the 32 hex characters of a lookup's lookup_id", field="lookup_id")
+    raw = client.hgetall(lookup_key(settings, lookup_id))
+    record = {text(k): text(v) for k, v in (raw or {}).items()}
+    if not record or (tenant is not None and record.get("tenant") != tenant):
+        return None
+    return record
+
+
+def record_feedback(client: redis.Redis, settings: Settings, lookup_id: str, correct: bool, *,
+                    tenant: str | None = None, by: str = "") -> FeedbackResult:
+    """Record that the answer served by lookup ``lookup_id`` was right (``correct=True``) or wrong.
+
+    ``tenant`` (from an API key) restricts the feedback to that tenant's lookups. Raises :class:`NotFound` when
+    the lookup is unknown, older than ``SEMCACHE_FEEDBACK_WINDOW_S``, of another tenant, or its entry is gone;
+    :class:`InvalidInput` for a malformed ``lookup_id``; :class:`BackendUnavailable` when Redis fails.
+    """
+    if not isinstance(correct, bool):
+        raise InvalidInput("must be true or false", field="correct")
+    try:
+        record = lookup_record(client, settings, lookup_id, tenant=tenant)
+        if record is None:
+            raise NotFound(f"no hit with lookup_id {lookup_id} in the last {settings.feedback_window_s}s",
+                           field="lookup_id")
+        entry_id, similarity = record.get("entry", ""), float(record.get("similarity", "0"))
+        # one rating per lookup: the first one wins, a retry of the same request changes nothing
+        first = client.hsetnx(lookup_key(settings, lookup_id), "rated", "1" if correct else "0")
+        if not first:
+            state = _read_state(client, settings, entry_id)
+            return FeedbackResult(lookup_id=lookup_id, entry_id=entry_id, correct=correct, similarity=similarity,
+                                  state=state or FeedbackState(), duplicate=True)
+        return apply_feedback(client, settings, entry_id, similarity, correct, tenant=record.get("tenant"),
+                              by=by, lookup_id=lookup_id)
+    except redis.RedisError as exc:
+        raise BackendUnavailable(f"Redis failed while recording feedback: {exc}") from exc
+
+
+def apply_feedback(client: redis.Redis, settings: Settings, entry_id: str, similarity: float, correct: bool, *,
+                   tenant: str | None = None, by: str = "", lookup_id: str = "") -> FeedbackResult:
+    """Update one entry's feedback state (and maybe demote it); the part of :func:`record_feedback` after the log.
+
+    ``semcache eval --feedback-rate`` calls this directly, with the entry and similarity it just saw.
+    """
+    from .store import audit, set_status
+
+    key = settings.key_prefix + entry_id
+    for _ in range(10):
+        try:
+            with client.pipeline(transaction=True) as pipe:
+                pipe.watch(key)
+                raw = pipe.execute_command("JSON.GET", key, "$.scope.tenant", f'$.metadata["{FEEDBACK_KEY}"]',
+                                           "$.status")
+                found = _json(raw) if raw else None
+                if not found or not found.get("$.scope.tenant"):
+                    raise NotFound(f"entry {entry_id} no longer exists", field="lookup_id")
+                owner = found["$.scope.tenant"][0]
+                if tenant is not None and owner != tenant:
+                    raise NotFound(f"entry {entry_id} no longer exists", field="lookup_id")
+                stored = found.get(f'$.metadata["{FEEDBACK_KEY}"]') or [None]
+                state = _state(stored[0])
+                if correct:
+                    state.correct += 1
+                else:
+                    state.wrong += 1
+                    state.min_similarity = min(1.0, max(state.min_similarity, similarity + settings.feedback_margin))
+                state.updated_at = time.time()
+                status = (found.get("$.status") or [""])[0]
+                demote = (not correct and status == Status.APPROVED.value and (
+                    similarity >= _EXACT
+                    or (settings.feedback_demote_after and state.wrong >= settings.feedback_demote_after
+                        and state.wrong > state.correct)
+                ))  # fmt: skip
+                pipe.multi()
+                pipe.execute_command("JSON.SET", key, f'$.metadata["{FEEDBACK_KEY}"]', state.model_dump_json())
+                audit(pipe, settings, event="feedback", id=entry_id, status=status, by=by,
+                      reason="correct" if correct else f"wrong at similarity {similarity:.4f}", tenant=owner)
+                pipe.execute()
+            break
+        except redis.WatchError:
+            continue
+    else:
+        raise BackendUnavailable(f"feedback on entry {entry_id} kept conflicting with concurrent changes")
+    if demote:
+        set_status(client, settings, entry_id, Status.PENDING_REVIEW, by=by or "feedback",
+                   reason=f"{state.wrong} wrong-answer report(s), {state.correct} correct", tenant=owner)
+    try:
+        record_counters(client, settings, {"feedback_correct" if correct else "feedback_wrong": 1,
+                                           **({"feedback_demoted": 1} if demote else {})})
+    except redis.RedisError:
+        pass  # statistics are best effort; the feedback itself is recorded
+    return FeedbackResult(lookup_id=lookup_id, entry_id=entry_id, correct=correct, similarity=similarity,
+                          state=state, demoted=bool(demote))
+
+
+def _read_state(client: redis.Redis, settings: Settings, entry_id: str) -> FeedbackState | None:
+    raw = client.execute_command("JSON.GET", settings.key_prefix + entry_id, f'$.metadata["{FEEDBACK_KEY}"]')
+    found = _json(raw) if raw else None
+    return _state(found[0]) if found else None
+
+
+def _state(value: Any) -> FeedbackState:
+    try:
+        return FeedbackState.model_validate(value) if isinstance(value, dict) else FeedbackState()
+    except ValueError:
+        return FeedbackState()  # a damaged record starts over rather than blocking feedback
+
+
+def _json(raw: Any) -> Any:
+    return json.loads(raw) if isinstance(raw, (bytes, str)) else raw
