@@ -17,7 +17,9 @@ __all__ = [
     "WRITE_ENTRY",
     "SET_STATUS",
     "PURGE",
+    "FEEDBACK",
     "TASK_NAMES",
+    "FeedbackCommand",
     "SetStatusCommand",
     "EntryFilter",
     "PurgeCommand",
@@ -26,7 +28,8 @@ __all__ = [
 WRITE_ENTRY = "semcache.write_entry"  # kwargs: command=WriteCommand (as a dict)
 SET_STATUS = "semcache.set_status"  # kwargs: SetStatusCommand fields
 PURGE = "semcache.purge"  # kwargs: PurgeCommand fields
-TASK_NAMES = (WRITE_ENTRY, SET_STATUS, PURGE)
+FEEDBACK = "semcache.feedback"  # kwargs: FeedbackCommand fields
+TASK_NAMES = (WRITE_ENTRY, SET_STATUS, PURGE, FEEDBACK)
 
 
 class SetStatusCommand(BaseModel):
@@ -106,3 +109,14 @@ class PurgeCommand(BaseModel):
         if self.mode == "filter" and self.filter.is_empty() and self.tenant is None:
             raise ValueError("refusing to purge everything with an empty filter; give at least one field")
         return self
+
+
+class FeedbackCommand(BaseModel):
+    """Whether the answer a lookup served was right; feeds the per-entry thresholds (:mod:`cache_core.feedback`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    lookup_id: str = Field(..., pattern=r"^[0-9a-f]{32}$")
+    correct: bool
+    by: str = Field("", max_length=200)
+    tenant: str | None = Field(None, max_length=1024, description="Only lookups of this tenant (API keys set it).")

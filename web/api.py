@@ -25,10 +25,21 @@ from cache_core.errors import BackendUnavailable
 from cache_core.schema import WriteCommand, entry_id
 from cache_core.stats import read_stats
 from cache_core.store import get_entry
-from cache_core.tasks import PURGE, SET_STATUS, WRITE_ENTRY, EntryFilter, PurgeCommand, SetStatusCommand
+from cache_core.feedback import lookup_record
+from cache_core.tasks import (
+    FEEDBACK,
+    PURGE,
+    SET_STATUS,
+    WRITE_ENTRY,
+    EntryFilter,
+    FeedbackCommand,
+    PurgeCommand,
+    SetStatusCommand,
+)
 
 from .apimodels import (
     EntryRequest,
+    FeedbackRequest,
     LookupRequest,
     PurgeRequest,
     StatusRequest,
@@ -213,6 +224,29 @@ def lookup():
                        "total": round(result.total_ms, 3)},
         "degraded": result.degraded,
     })  # fmt: skip
+
+
+@bp.post("/feedback")
+def feedback():
+    """Feedback on the answer a lookup served (within ``SEMCACHE_FEEDBACK_WINDOW_S``). The check that the lookup
+    exists (and is the key's tenant's) is a read; the update itself is the worker's ``semcache.feedback`` task."""
+    body = parse_body(FeedbackRequest, _body())
+    st = state()
+    tenant = _tenant_bound()
+    try:
+        record = lookup_record(st.redis, st.settings, body.lookup_id, tenant=tenant)
+    except redis.RedisError as exc:
+        raise BackendUnavailable(f"Redis failed: {exc}") from exc
+    if record is None:
+        raise ApiError(404, "no hit with this lookup_id in the feedback window (misses take no feedback)",
+                       field="lookup_id")
+    command = FeedbackCommand(lookup_id=body.lookup_id, correct=body.correct, by=_key().label,
+                              tenant=record.get("tenant"))
+    task_id = _send(FEEDBACK, command.model_dump(mode="json"), tenant=record.get("tenant"), kind="feedback",
+                    label=f"feedback {record.get('entry', '')}")
+    response = jsonify({"task_id": task_id, "entry_id": record.get("entry")})
+    response.status_code = 202
+    return response
 
 
 # --- entries -----------------------------------------------------------------------------------------------------

@@ -47,6 +47,15 @@ class LookupRequest(BaseModel):
     min_similarity: float | None = Field(None, ge=-1.0, le=1.0, description="Cosine similarity a semantic hit needs.")
 
 
+class FeedbackRequest(BaseModel):
+    """``POST /api/v1/feedback``: was the answer a lookup served right?"""
+
+    model_config = _STRICT
+
+    lookup_id: str = Field(..., pattern=r"^[0-9a-f]{32}$", description="The lookup_id a lookup returned.")
+    correct: bool = Field(..., description="false: the cached answer was wrong for this prompt.")
+
+
 class EntryRequest(BaseModel):
     """``POST /api/v1/entries``: a write handed to the worker (validated, flagged, maybe held for review)."""
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from cache_core.schema import EntryView
 from cache_core.settings import Settings
 
-from .apimodels import EntryRequest, LookupRequest, PurgeRequest, StatusRequest
+from .apimodels import EntryRequest, FeedbackRequest, LookupRequest, PurgeRequest, StatusRequest
 
 __all__ = ["document"]
 
@@ -19,7 +19,8 @@ _REF = "#/components/schemas/{model}"
 
 def _schemas() -> dict[str, Any]:
     out: dict[str, Any] = {}
-    models: list[type[BaseModel]] = [LookupRequest, EntryRequest, PurgeRequest, StatusRequest, EntryView]
+    models: list[type[BaseModel]] = [LookupRequest, EntryRequest, PurgeRequest, StatusRequest, FeedbackRequest,
+                                     EntryView]
     for model in models:
         schema = model.model_json_schema(ref_template=_REF)
         out.update(schema.pop("$defs", {}))
@@ -109,6 +110,13 @@ def document(settings: Settings) -> dict[str, Any]:
             body="LookupRequest",
             description="Exact match first, then one semantic KNN within the scope. The tenant is the key's; a "
                         f"scope holds locale, model and the extra fields ({extras}).")},
+        "/api/v1/feedback": {"post": _op(
+            "Say whether the answer a lookup served was right", {"202": _json("Accepted.", "TaskAccepted"),
+                                                                 "404": _error("No hit with this lookup_id.")},
+            body="FeedbackRequest",
+            description="A wrong answer raises the entry's own similarity threshold above the lookup's similarity, "
+                        "and demotes the entry to review (at once for an exact hit, else after "
+                        "SEMCACHE_FEEDBACK_DEMOTE_AFTER wrong reports that outnumber correct ones).")},
         "/api/v1/entries": {
             "post": _op("Write an entry (through the worker's checks)", {"202": _json("Accepted.", "TaskAccepted"),
                                                                          "403": _error("Another tenant.")},

@@ -18,13 +18,14 @@ import redis
 from pydantic import BaseModel, ValidationError
 
 from cache_core.embedder import Embedder
-from cache_core.errors import BackendUnavailable, InvalidInput
+from cache_core.errors import BackendUnavailable, InvalidInput, NotFound
+from cache_core.feedback import record_feedback
 from cache_core.purge import purge as purge_entries
 from cache_core.schema import Decision, Provenance, Status, WriteCommand, entry_id
 from cache_core.settings import Settings
 from cache_core.stats import record_counters
 from cache_core.store import build_entry, set_status, write_entries
-from cache_core.tasks import PurgeCommand, SetStatusCommand
+from cache_core.tasks import FeedbackCommand, PurgeCommand, SetStatusCommand
 
 from .safety import SafetyPipeline, Verdict
 
@@ -36,6 +37,7 @@ __all__ = [
     "write_one",
     "change_status",
     "run_purge",
+    "give_feedback",
     "WritePlan",
 ]
 
@@ -223,6 +225,17 @@ def change_status(client: redis.Redis, settings: Settings, raw: Any) -> dict[str
     log.info("entry %s: status %s by %r (%s)", cmd.entry_id, cmd.status.value, cmd.by[:64],
              "changed" if changed else "not found")
     return {"entry_id": cmd.entry_id, "status": cmd.status.value, "changed": changed, "found": changed}
+
+
+def give_feedback(client: redis.Redis, settings: Settings, raw: Any) -> dict[str, Any]:
+    """Feedback on a served answer (the ``semcache.feedback`` task): may raise the entry's threshold or demote it."""
+    cmd: FeedbackCommand = parse_model(FeedbackCommand, raw, "feedback")
+    try:
+        result = record_feedback(client, settings, cmd.lookup_id, cmd.correct, tenant=cmd.tenant, by=cmd.by)
+    except NotFound as exc:  # expired or unknown lookup: nothing to retry
+        return {"lookup_id": cmd.lookup_id, "found": False, "error": str(exc)}
+    return {"found": True, **result.model_dump(mode="json", include={"lookup_id", "entry_id", "correct",
+                                                                    "demoted", "duplicate"})}
 
 
 def run_purge(client: redis.Redis, settings: Settings, raw: Any,

@@ -24,7 +24,7 @@ from celery.exceptions import Reject, Retry
 from cache_core.deadletters import DeadLetter, push_dead_letter
 from cache_core.errors import InvalidInput, SemcacheError
 from cache_core.settings import Settings
-from cache_core.tasks import PURGE, SET_STATUS, WRITE_ENTRY
+from cache_core.tasks import FEEDBACK, PURGE, SET_STATUS, WRITE_ENTRY
 
 from . import service
 
@@ -37,6 +37,7 @@ MAX_BATCH = 1000
 
 _SET_STATUS_FIELDS = frozenset({"entry_id", "status", "by", "reason", "response", "tenant"})
 _PURGE_FIELDS = frozenset({"ids", "filter", "by", "reason", "tenant", "mode"})
+_FEEDBACK_FIELDS = frozenset({"lookup_id", "correct", "by", "tenant"})
 
 
 def backoff_seconds(retries: int, settings: Settings) -> float:
@@ -171,6 +172,12 @@ def register(app: Celery) -> None:
         """Approve or reject one entry (``SetStatusCommand`` fields)."""
         return _run(self, args, kwargs, _SET_STATUS_FIELDS,
                     lambda rt, kw: service.change_status(rt.client, rt.settings, kw))
+
+    @app.task(name=FEEDBACK, bind=True, throws=expected, shared=False)
+    def feedback(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Feedback on an answer a lookup served (``FeedbackCommand`` fields)."""
+        return _run(self, args, kwargs, _FEEDBACK_FIELDS,
+                    lambda rt, kw: service.give_feedback(rt.client, rt.settings, kw))
 
     @app.task(name=PURGE, bind=True, throws=expected, shared=False)
     def purge(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
