@@ -57,13 +57,23 @@ class Settings(BaseSettings):
 
     # --- model and matching --------------------------------------------------------------------------------
     model: str = Field("", description="sentence-transformers model name or path. Empty: packaged all-MiniLM-L6-v2.")
-    embedding_backend: Literal["torch", "onnx"] = Field("torch", description="sentence-transformers backend.")
+    embedding_backend: Literal["torch", "onnx"] = Field(
+        "onnx", description="How the model runs: onnx (exported once into data_dir/models, about 2.5x faster per "
+        "prompt, same vectors) or torch (sentence-transformers on PyTorch).",
+    )
     embedding_cache_size: int = Field(4096, ge=0, description="Prompts whose embeddings are kept in process (LRU).")
     min_similarity: float = Field(
-        0.90, ge=-1.0, le=1.0, description="Cosine similarity in [-1, 1] a semantic hit needs (per call/scope too)."
+        0.90, ge=-1.0, le=1.0,
+        description="The main knob, cosine similarity in [-1, 1] (per call/scope too). threshold policy: what the "
+        "nearest entry needs. consensus policy: what it needs when its neighbours neither agree nor compete; "
+        "agreeing neighbours (same answer group) lower it, a competing group raises it (docs/quality.md).",
     )
-    knn_k: int = Field(5, ge=1, le=100, description="Nearest approved entries fetched by the one FT.SEARCH.")
-    policy: Literal["threshold"] = Field("threshold", description="Match policy of the read path.")
+    knn_k: int = Field(8, ge=1, le=100, description="Nearest approved entries fetched by the one FT.SEARCH "
+                       "(the consensus policy's neighbourhood).")
+    policy: Literal["threshold", "consensus"] = Field(
+        "consensus", description="Match policy of the read path: consensus (neighbours vote with their answer "
+        "group) or threshold (nearest entry against one number, the peers' rule)."
+    )
     hnsw_m: int = Field(16, ge=2, le=512, description="HNSW M of the vector index.")
     hnsw_ef_construction: int = Field(200, ge=1, le=4096, description="HNSW EF_CONSTRUCTION.")
     hnsw_ef_runtime: int = Field(20, ge=1, le=4096, description="HNSW EF_RUNTIME.")
@@ -98,6 +108,110 @@ class Settings(BaseSettings):
     upstream_url: str | None = Field(None, description="OpenAI-compatible upstream the proxy forwards misses to.")
     upstream_api_key: str | None = Field(None, description="Bearer key for the upstream.")
     proxy_max_temperature: float = Field(0.0, ge=0, description="Requests hotter than this bypass the cache.")
+
+    # --- match quality: consensus policy, feedback (issue 5; docs/quality.md) ----------------------------------
+    consensus_floor: float = Field(
+        0.3, ge=-1.0, lt=1.0, description="consensus policy: neighbours less similar than this are no evidence; a "
+        "neighbour's weight rises linearly from 0 here to 1 at similarity 1.",
+    )
+    consensus_support: float = Field(
+        1.0, ge=0.0, le=100.0, description="consensus policy: how much agreeing neighbours (same answer group as "
+        "the nearest entry) widen the allowed distance 1 - min_similarity (x (1 + support * weight)).",
+    )
+    consensus_conflict: float = Field(
+        1.0, ge=0.0, le=100.0, description="consensus policy: how much a competing answer group (two or more "
+        "neighbours sharing another answer) narrows it (/ (1 + conflict * weight)).",
+    )
+    feedback_window_s: int = Field(
+        3600, ge=0, le=30 * 24 * 3600, description="How long after a hit its lookup_id can be rated (the read path "
+        "logs hits this long, off the hot path); 0: no log, no feedback.",
+    )
+    feedback_margin: float = Field(
+        0.01, ge=0.0, le=1.0, description="A wrong-answer report at similarity s makes the entry require s + this.",
+    )
+    feedback_demote_after: int = Field(
+        3, ge=0, le=1000, description="Wrong-answer reports (outnumbering correct ones) that move an entry to "
+        "review; a wrong report on an exact hit demotes at once; 0: never demote.",
+    )
+
+    # --- admin UI and HTTP API (issue 4) -------------------------------------------------------------------
+    admin_user: str = Field("admin", min_length=1, max_length=200,
+                            description="User name of the UI login (with SEMCACHE_ADMIN_PASSWORD_HASH).")
+    cookie_secure: bool = Field(True, description="Session cookie only over HTTPS (browsers also accept it on "
+                                "http://127.0.0.1 and localhost); false for plain http elsewhere.")
+    session_hours: float = Field(12.0, gt=0, le=24 * 30, description="How long a UI login lasts.")
+    login_attempts_per_15min: int = Field(20, ge=1, description="Failed UI logins allowed per client address.")
+
+    # --- writer worker: retries, dead letters, enqueueing, safety pipeline (issue 3) ------------------------
+    retry_backoff_s: float = Field(1.0, gt=0, le=3600, description="First retry delay; doubles each retry (+jitter).")
+    retry_backoff_max_s: float = Field(60.0, gt=0, le=3600, description="Longest delay between two retries.")
+    broker_visibility_timeout_s: int = Field(
+        0, ge=0, description="Seconds before an unacknowledged task is redelivered (after a worker crash). "
+        "0: 2 x (task time limit + longest retry delay). Must exceed task time limit + longest retry delay.",
+    )
+    deadletter_maxlen: int = Field(10_000, ge=10, description="Dead letters kept (the oldest are dropped).")
+    worker_model_threads: int = Field(
+        0, ge=0, le=256, description="Threads of the model in each worker process; 0: (cores - 1) / processes."
+    )
+    enqueue_batch_size: int = Field(32, ge=1, le=1000, description="Writes the read path sends in one task.")
+    enqueue_linger_ms: int = Field(5, ge=0, le=10_000, description="How long the write queue waits to fill a batch.")
+    enqueue_max_pending: int = Field(10_000, ge=1, description="Writes waiting to be sent before new ones are dropped.")
+    safety_policy_file: Path | None = Field(
+        None, description="JSON file of safety rules: defaults and per-tenant blocklists/regexes/actions "
+        "(see docs/worker.md).",
+    )
+    safety_pii: Literal["hold", "drop", "off"] = Field(
+        "hold", description="PII (e-mail, phone, card, IBAN, national id) in prompt or response."
+    )
+    safety_personal: Literal["drop", "hold", "short_ttl", "off"] = Field(
+        "drop", description="Personal prompts ('my order', 'my account', ...): not cacheable by default."
+    )
+    safety_time_sensitive: Literal["drop", "hold", "short_ttl", "off"] = Field(
+        "short_ttl", description="Time-sensitive prompts ('today', 'current price', ...)."
+    )
+    safety_short_ttl_seconds: int = Field(3600, ge=1, description="TTL of entries whose action is short_ttl.")
+    safety_refusals: Literal["drop", "hold", "off"] = Field("drop", description="Refusals ('I can't help with').")
+    safety_caller_flags_drop: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["no_cache", "moderation:blocked"],
+        description="Comma-separated caller flags that drop the write.",
+    )
+    safety_caller_flags_hold: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["moderation:flagged", "review"],
+        description="Comma-separated caller flags that hold the entry for review.",
+    )
+
+    safety_extra_checks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated `module:factory` of extra safety checks (factory(settings)).",
+    )
+
+    # --- OpenAI-compatible proxy and /metrics (issue 8; docs/proxy.md). upstream_url, upstream_api_key and
+    # proxy_max_temperature are above, with the web settings. ----------------------------------------------------
+    upstream_timeout_s: float = Field(
+        120.0, gt=0, le=3600, description="How long the proxy waits for the upstream's answer (and, when streaming, "
+        "for each next chunk) before answering 504.",
+    )
+    upstream_connect_timeout_s: float = Field(
+        5.0, gt=0, le=600, description="How long the proxy tries to connect to the upstream before answering 502.",
+    )
+    proxy_key_grace_s: int = Field(
+        300, ge=0, le=86_400, description="While Redis is down, the proxy still accepts an API key it verified this "
+        "recently (its misses are forwarded); 0: every request needs Redis to check its key.",
+    )
+    proxy_max_pending_writes: int = Field(
+        1000, ge=1, le=1_000_000, description="Write-backs of proxy misses a web process keeps waiting for the "
+        "broker; beyond that new ones are dropped (and counted), the answers are not delayed.",
+    )
+    metrics_token: str | None = Field(
+        None, description="Bearer token that GET /metrics requires; unset: /metrics is open (deployment-wide "
+        "counters only: no tenant names, prompts or answers).",
+    )
+
+    @field_validator("safety_caller_flags_drop", "safety_caller_flags_hold", "safety_extra_checks", mode="before")
+    @classmethod
+    def _split_flags(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @field_validator("extra_scope_fields", mode="before")
     @classmethod
