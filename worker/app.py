@@ -11,20 +11,21 @@ Redis (``RedisHandle.broker_url``). The configuration follows Celery's guide for
 - the broker's ``visibility_timeout`` (after which an unacknowledged message is delivered again) is above the time
   limit plus the longest retry delay, else a task waiting for its retry would run twice.
 
-Two deployments (two ``SEMCACHE_INDEX`` values) must not share a broker database: tasks travel on Celery's default
-queue, which every sender (the web UI too) uses. Give each its own ``SEMCACHE_BROKER_URL``.
+Tasks travel on a queue named after the deployment's index (``<index>-tasks``, :mod:`cache_core.celeryconf`, which
+every sender uses too), so two deployments can share one broker database.
 
 >>> app = create_celery(Settings(redis_url="redis://127.0.0.1:6379/0"))
 >>> app.conf.broker_url, app.conf.task_acks_late, app.conf.worker_prefetch_multiplier
 ('redis://127.0.0.1:6379/1', True, 1)
 >>> sorted(name for name in app.tasks if name.startswith("semcache."))  # doctest: +NORMALIZE_WHITESPACE
-['semcache.purge', 'semcache.set_status', 'semcache.write_entries', 'semcache.write_entry']
+['semcache.feedback', 'semcache.purge', 'semcache.set_status', 'semcache.write_entries', 'semcache.write_entry']
+>>> app.conf.task_default_queue
+'semcache-tasks'
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 
 from celery import Celery
