@@ -117,6 +117,7 @@ class SemanticCache:
         self.spec = IndexSpec(settings=settings, dim=embedder.dim, model_name=embedder.name)
         self._breaker = _Breaker(settings.breaker_cooldown_ms / 1000)
         self._inflight: dict[str, Future] = {}
+        self._scope_sizes: dict[str, tuple[int, float]] = {}  # scope key -> (approved entries, re-count after)
         self._inflight_lock = threading.Lock()
         self.enqueue_failures = 0
         if ensure:
@@ -235,11 +236,26 @@ class SemanticCache:
         """The first round trip: the exact entry (by its deterministic id) and the scope's calibration."""
         sc = ctx["scope"]
         key = self.settings.key_prefix + entry_id(ctx["prompt"], sc)
-        return [("JSON.GET", key, *(f"$.{p}" for p in VIEW_PATHS)),
-                ("HMGET", self.settings.key("calibration"), "*", f"t:{sc.tags()['tenant']}")]
+        commands = [("JSON.GET", key, *(f"$.{p}" for p in VIEW_PATHS)),
+                    ("HMGET", self.settings.key("calibration"), "*", f"t:{sc.tags()['tenant']}")]
+        size = self._scope_sizes.get(self._scope_key(sc))
+        if self.settings.hybrid_batches_min and (size is None or size[1] < time.monotonic()):
+            # how many entries the scope holds (a count of the tag filter, no documents), re-read once a minute
+            filt, params = scope_filter(sc, self.settings.extra_scope_fields, status=Status.APPROVED)
+            args = [item for name, value in params.items() for item in (name, value)]
+            commands.append(("FT.SEARCH", self.index_name, filt, "PARAMS", str(len(args)), *args,
+                             "LIMIT", "0", "0", "DIALECT", "2"))
+        return commands
+
+    def _scope_key(self, sc: Scope) -> str:
+        return "|".join(sc.tags(self.settings.extra_scope_fields).values())
 
     def _exact_reply(self, ctx: dict, replies: list[Any]) -> LookupResult | None:
-        raw, calibration = replies
+        raw, calibration = replies[:2]
+        if len(replies) > 2:
+            self._scope_sizes[self._scope_key(ctx["scope"])] = (_total(replies[2]), time.monotonic() + 60)
+            if len(self._scope_sizes) > 10_000:  # a bound on the memo, not an LRU: dropping it costs one count
+                self._scope_sizes.clear()
         ctx["params"] = _merge_params(calibration)
         ctx["threshold"] = self._threshold(ctx)
         ctx["search_ms"] = (time.perf_counter() - ctx["t0"]) * 1000
@@ -295,7 +311,10 @@ class SemanticCache:
         s = self.settings
         filt, params = scope_filter(ctx["scope"], s.extra_scope_fields, status=Status.APPROVED, now=time.time())
         k = _calibrated_k(ctx["params"], s.knn_k)
-        query, params = knn_query(filt, params, vector, k=k, ef_runtime=s.hnsw_ef_runtime, vector_type=s.vector_type)
+        size = self._scope_sizes.get(self._scope_key(ctx["scope"]), (0, 0.0))[0]
+        batches = bool(s.hybrid_batches_min) and size >= s.hybrid_batches_min
+        query, params = knn_query(filt, params, vector, k=k, ef_runtime=s.hnsw_ef_runtime, vector_type=s.vector_type,
+                                  batches=batches)
         return search_args(self.index_name, query, params, k)
 
     def _knn(self, ctx: dict, vector: np.ndarray) -> list[Candidate]:
@@ -435,6 +454,16 @@ def _calibrated_k(params: Mapping[str, Any], default: int) -> int:
     """A scope's calibrated k, within the settings' bounds (a bad record must not crash or slow the read path)."""
     k = params.get("k", default)
     return min(max(k, 1), 100) if isinstance(k, int) and not isinstance(k, bool) else default
+
+
+def _total(reply: Any) -> int:
+    """total_results of an FT.SEARCH reply (RESP3 map or RESP2 list); 0 for anything else."""
+    try:
+        if isinstance(reply, dict):
+            return int(reply.get(b"total_results", reply.get("total_results", 0)))
+        return int(list(reply)[0])
+    except (TypeError, ValueError, IndexError):
+        return 0
 
 
 def _merge_params(calibration: list[Any]) -> dict[str, Any]:

@@ -67,10 +67,18 @@ def knn_query(
     k: int,
     ef_runtime: int,
     vector_type: str = "FLOAT32",
+    batches: bool = False,
 ) -> tuple[str, dict[str, Any]]:
-    """``(filter)=>[KNN k @embedding $vec EF_RUNTIME ef AS dist]`` with the vector as bytes."""
+    """``(filter)=>[KNN k @embedding $vec EF_RUNTIME ef AS dist]`` with the vector as bytes.
+
+    ``batches`` forces RediSearch's ``HYBRID_POLICY BATCHES`` (walk the HNSW graph, filter as it goes). Left to
+    itself RediSearch brute-forces every document the filter selects, which is right for a small scope and slow
+    for a large one (measured: 16 ms against 0.5 ms p50 for a 20,000-entry scope; the reverse for a 50-entry scope
+    in the same index). The read path asks for batches when the scope is large (``SEMCACHE_HYBRID_BATCHES_MIN``).
+    """
     dtype = np.float16 if vector_type == "FLOAT16" else np.float32
-    query = f"({filter_query})=>[KNN $k @{Fields.EMBEDDING} $vec EF_RUNTIME $ef AS dist]"
+    policy = " HYBRID_POLICY BATCHES" if batches else ""
+    query = f"({filter_query})=>[KNN $k @{Fields.EMBEDDING} $vec EF_RUNTIME $ef{policy} AS dist]"
     all_params = {**params, "k": k, "ef": ef_runtime, "vec": np.asarray(vector, dtype=dtype).tobytes()}
     return query, all_params
 

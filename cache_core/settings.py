@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     hnsw_m: int = Field(16, ge=2, le=512, description="HNSW M of the vector index.")
     hnsw_ef_construction: int = Field(200, ge=1, le=4096, description="HNSW EF_CONSTRUCTION.")
     hnsw_ef_runtime: int = Field(20, ge=1, le=4096, description="HNSW EF_RUNTIME.")
+    hybrid_batches_min: int = Field(
+        2000, ge=0, description="Scopes with at least this many entries are searched by walking the HNSW graph "
+        "(HYBRID_POLICY BATCHES) instead of brute force over the scope; 0: always let RediSearch choose.")
     vector_type: Literal["FLOAT32", "FLOAT16"] = Field("FLOAT32", description="Vector type inside the index.")
 
     # --- entries -------------------------------------------------------------------------------------------

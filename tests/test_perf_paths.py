@@ -141,3 +141,34 @@ def test_a_failing_model_fails_every_waiting_caller(embedder):
     for f in futures:
         with pytest.raises(EmbeddingError, match="model crashed"):
             f.result(timeout=30)
+
+
+def test_large_scopes_are_searched_by_walking_the_graph(make_settings, redis_client, embedder):
+    """A scope at or above SEMCACHE_HYBRID_BATCHES_MIN gets HYBRID_POLICY BATCHES (brute force over a large scope is
+    slow); a small one is left to RediSearch. Both answer the same hit."""
+    from cache_core.cache import SemanticCache
+    from cache_core.schema import Scope, WriteCommand
+    from cache_core.store import write_command
+
+    settings = make_settings(hybrid_batches_min=3)
+    cache = SemanticCache(settings, redis_client, embedder)
+    for i, prompt in enumerate(["How do I reset my password?", "Where is my invoice?", "How do I cancel?"]):
+        write_command(redis_client, settings, embedder, WriteCommand(prompt=prompt, response=f"a{i}",
+                                                                     scope=Scope(tenant="big")))
+    write_command(redis_client, settings, embedder, WriteCommand(prompt="How do I reset my password?",
+                                                                 response="small", scope=Scope(tenant="small")))
+    seen = []
+    original = redis_client.execute_command
+
+    def spy(*args, **kwargs):
+        if args and args[0] == "FT.SEARCH" and "KNN" in str(args[2]):
+            seen.append(str(args[2]))
+        return original(*args, **kwargs)
+
+    redis_client.execute_command = spy
+    try:
+        assert cache.lookup("how can I reset my password", {"tenant": "big"}).entry.response == "a0"
+        assert cache.lookup("how can I reset my password", {"tenant": "small"}).entry.response == "small"
+    finally:
+        del redis_client.execute_command
+    assert "HYBRID_POLICY BATCHES" in seen[0] and "HYBRID_POLICY" not in seen[1]
