@@ -40,15 +40,21 @@ def minute_key(settings: Settings, ts: float) -> str:
     return settings.key(f"stats:{int(ts // 60) * 60}")
 
 
+def _increment(pipe: Any, key: str, name: str, value: float) -> None:
+    """HINCRBYFLOAT for float counters (sums of milliseconds, tokens), HINCRBY for counts. By type, not by value:
+    a float sum that happens to be whole must not be sent as HINCRBY to a field holding "12.5" (Redis refuses)."""
+    if isinstance(value, float):
+        pipe.hincrbyfloat(key, name, value)
+    else:
+        pipe.hincrby(key, name, int(value))
+
+
 def record_counters(client: redis.Redis, settings: Settings, counters: dict[str, float], ts: float | None = None) -> None:
     """Add counters to the current minute (used by the worker for write decisions)."""
     key = minute_key(settings, ts or time.time())
     pipe = client.pipeline(transaction=False)
     for name, value in counters.items():
-        if isinstance(value, float) and not value.is_integer():
-            pipe.hincrbyfloat(key, name, value)
-        else:
-            pipe.hincrby(key, name, int(value))
+        _increment(pipe, key, name, value)
     pipe.expire(key, STATS_TTL_S)
     add_cumulative(pipe, settings, counters)
     pipe.execute()
@@ -113,10 +119,7 @@ class StatsRecorder:
             pipe = self.client.pipeline(transaction=False)
             for key, counter in per_minute.items():
                 for name, value in counter.items():
-                    if isinstance(value, float) and not float(value).is_integer():
-                        pipe.hincrbyfloat(key, name, value)
-                    else:
-                        pipe.hincrby(key, name, int(value))
+                    _increment(pipe, key, name, value)
                 pipe.expire(key, STATS_TTL_S)
             add_cumulative(pipe, self.settings, totals)
             for entry_id, n in hits.items():
@@ -242,12 +245,8 @@ def add_cumulative(pipe: Any, settings: Settings, counters: dict[str, float]) ->
     """Queue the increments of ``counters`` to the cumulative hash on ``pipe`` (the caller executes it)."""
     key = cumulative_key(settings)
     for name, value in counters.items():
-        if not value:
-            continue
-        if isinstance(value, float) and not float(value).is_integer():
-            pipe.hincrbyfloat(key, name, value)
-        else:
-            pipe.hincrby(key, name, int(value))
+        if value:
+            _increment(pipe, key, name, value)
 
 
 def read_cumulative(client: redis.Redis, settings: Settings) -> dict[str, float]:

@@ -7,6 +7,7 @@ escape a view are 503; anything else is logged with its traceback and answered 5
 from __future__ import annotations
 
 import logging
+import re
 
 import redis
 from flask import Flask, Response, jsonify, render_template, request
@@ -42,7 +43,7 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "tuple", "s
 
 def _is_union_tag(part: object) -> bool:
     """pydantic puts the union member a value failed against into the location (``flags.list[str]``)."""
-    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part)
+    return isinstance(part, str) and (part in _TYPE_TAGS or re.fullmatch(r"[A-Za-z_][\w.-]*\[.*\]", part) is not None)
 
 
 def validation_error(exc: ValidationError, prefix: str = "") -> ApiError:
