@@ -35,6 +35,8 @@ def create_app(settings: Settings, *, redis_handle: RedisHandle | None = None, e
     session's model); by default the app makes its own, and loads the model on its first lookup.
     """
     app = Flask(__name__)
+    # "/api/v1/entries//x" is a malformed path (404), not a redirect to a path the client did not ask for
+    app.url_map.merge_slashes = False
     owns = redis_handle is None
     if redis_handle is None:
         redis_handle = RedisHandle(settings=settings, url=settings.redis_url) if settings.redis_url \

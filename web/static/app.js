@@ -60,6 +60,12 @@
   document.querySelectorAll("[data-task-id]").forEach(function (el) {
     var badge = el.querySelector(".task-state");
     var state = badge ? badge.textContent.trim() : "";
-    if (el.hasAttribute("data-task-progress") || !FINAL[state]) { poll(el, 400); }
+    if (el.hasAttribute("data-task-progress") || !FINAL[state]) {
+      poll(el, 400);
+    } else if (state === "success" && el.dataset.entry) {
+      // done between the server reading the queue and rendering the actions: grey the entry out now
+      var item = document.getElementById("item-" + el.dataset.entry);
+      if (item) { item.classList.add("decided"); }
+    }
   });
 })();
