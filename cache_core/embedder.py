@@ -237,8 +237,10 @@ class CachedEmbedder:
             for r in batch:
                 r.vectors = vectors[[row[t] for t in r.texts]]
         except Exception as exc:  # noqa: BLE001 - every waiter gets the error, none hangs
-            error = exc if isinstance(exc, EmbeddingError) else EmbeddingError(f"embedding failed: {exc}")
-            error.__cause__ = exc
+            error = exc
+            if not isinstance(exc, EmbeddingError):
+                error = EmbeddingError(f"embedding failed: {exc}")
+                error.__cause__ = exc
             for r in batch:
                 r.error = error
         finally:
@@ -443,6 +445,21 @@ def _export_into(path: str, out: Path, *, opset: int) -> None:
     os.replace(out / "export.json.tmp", out / "export.json")
 
 
+def _torch_thread_budget() -> int:
+    """The thread count this process gave torch, if it imported torch and sized its pool (``semcache worker`` gives
+    each pool process its share of the cores that way); 0, onnxruntime's default (every core), otherwise."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return 0
+    try:
+        threads = int(torch.get_num_threads())
+    except Exception:  # noqa: BLE001 - a broken torch must not break the onnx backend
+        return 0
+    return threads if 0 < threads < (os.cpu_count() or threads + 1) else 0
+
+
 class _OnnxRunner:
     """onnxruntime session + tokenizer of one export directory.
 
@@ -475,7 +492,7 @@ class _OnnxRunner:
 
             options = ort.SessionOptions()
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            options.intra_op_num_threads = self.threads
+            options.intra_op_num_threads = self.threads or _torch_thread_budget()
             options.log_severity_level = 3
             self._session = ort.InferenceSession(str(self.directory / "model.onnx"), options,
                                                  providers=["CPUExecutionProvider"])
