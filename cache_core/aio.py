@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from .cache import Answer, Generated, ScopeLike, SemanticCache
 from .query import parse_knn
-from .schema import LookupResult, Scope, WriteCommand, entry_id
+from .schema import LookupResult, Scope, entry_id
 from .settings import Settings
 
 __all__ = ["AsyncSemanticCache"]
@@ -126,19 +126,8 @@ class AsyncSemanticCache:
             raise
         finally:
             self._inflight.pop(key, None)
-        task_id = None
-        if gen.cacheable:
-            try:
-                command = WriteCommand(
-                    prompt=prompt, response=gen.response, scope=sc,
-                    embedding=[float(x) for x in vector] if vector is not None else None,
-                    ttl_seconds=ttl_seconds or gen.ttl_seconds, flags=gen.flags,
-                    metadata={**(metadata or {}), **gen.metadata}, finish_reason=gen.finish_reason,
-                    lookup_id=result.lookup_id,
-                )  # fmt: skip
-                task_id = self.core.write_queue.enqueue(command)  # never blocks for long (WriteQueue contract)
-            except Exception:  # noqa: BLE001 - the caller gets its answer whatever happens to the write
-                self.core.enqueue_failures += 1
+        # the write queue never blocks for long (WriteQueue contract): fine to call on the event loop
+        task_id = self.core._enqueue(prompt, sc, gen, result, vector, ttl_seconds, metadata)
         return Answer(response=gen.response, cached=False, lookup=result, task_id=task_id)
 
 

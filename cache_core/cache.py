@@ -433,21 +433,27 @@ class SemanticCache:
     def _generate_and_enqueue(self, prompt, sc, generate, result, vector, ttl_seconds, metadata) -> Answer:
         produced = generate()
         gen = produced if isinstance(produced, Generated) else Generated(response=str(produced))
-        task_id = None
-        if gen.cacheable:
-            try:
-                command = WriteCommand(
-                    prompt=prompt, response=gen.response, scope=sc,
-                    embedding=[float(x) for x in vector] if vector is not None else None,
-                    ttl_seconds=ttl_seconds or gen.ttl_seconds, flags=gen.flags,
-                    metadata={**(metadata or {}), **gen.metadata}, finish_reason=gen.finish_reason,
-                    lookup_id=result.lookup_id,
-                )  # fmt: skip
-                task_id = self.write_queue.enqueue(command)
-            except Exception:  # noqa: BLE001 - the caller gets its answer whatever happens to the write
-                self.enqueue_failures += 1
-                log.exception("could not hand the write to the queue")
+        task_id = self._enqueue(prompt, sc, gen, result, vector, ttl_seconds, metadata)
         return Answer(response=gen.response, cached=False, lookup=result, task_id=task_id)
+
+    def _enqueue(self, prompt: str, sc: Scope, gen: Generated, result: LookupResult, vector: np.ndarray | None,
+                 ttl_seconds: int | None, metadata: Mapping[str, Any] | None) -> str | None:
+        """Hand a generated answer to the write queue (with the lookup's vector); never raises."""
+        if not gen.cacheable:
+            return None
+        try:
+            command = WriteCommand(
+                prompt=prompt, response=gen.response, scope=sc,
+                embedding=[float(x) for x in vector] if vector is not None else None,
+                ttl_seconds=ttl_seconds or gen.ttl_seconds, flags=gen.flags,
+                metadata={**(metadata or {}), **gen.metadata}, finish_reason=gen.finish_reason,
+                lookup_id=result.lookup_id,
+            )  # fmt: skip
+            return self.write_queue.enqueue(command)
+        except Exception:  # noqa: BLE001 - the caller gets its answer whatever happens to the write
+            self.enqueue_failures += 1
+            log.exception("could not hand the write to the queue")
+            return None
 
 
 def _calibrated_k(params: Mapping[str, Any], default: int) -> int:
