@@ -132,12 +132,27 @@ def plot_comparison(result: dict[str, Any], path: Path) -> Path:
 
 def scaling_table(result: dict[str, Any], *, markdown: bool = False) -> str:
     rows = [("entries", "lookup p50 ms", "lookup p95 ms", "search p50 ms", "search p95 ms", "bytes/entry",
-             "used_memory", f"recall@{result.get('k', 10)} (HNSW vs FLAT)", "load s")]
+             "used_memory", f"recall@{result.get('k', 10)} (HNSW vs FLAT)", "recall@1", "load s")]
     for p in result["points"]:
         rows.append((f"{p['entries']:,}", f"{p['lookup_p50_ms']:.2f}", f"{p['lookup_p95_ms']:.2f}",
                      f"{p['search_p50_ms']:.3f}", f"{p['search_p95_ms']:.3f}", f"{p['bytes_per_entry']:,.0f}",
-                     f"{p['used_memory_mb']:,.0f} MB", f"{p['recall']:.4f}", f"{p['load_seconds']:.0f}"))
-    return _render(rows, markdown)
+                     f"{p['used_memory_mb']:,.0f} MB", f"{p['recall']:.4f}", f"{p.get('recall_at_1', 0):.4f}",
+                     f"{p['load_seconds']:.0f}"))
+    text = _render(rows, markdown)
+    sweeps = [p for p in result["points"] if p.get("ef_sweep")]
+    if sweeps:
+        efs = list(sweeps[0]["ef_sweep"])
+        rows = [("entries", *(f"EF_RUNTIME {ef}: recall@1 / @{result.get('k', 10)} / KNN p95 ms" for ef in efs))]
+        for p in sweeps:
+            rows.append((f"{p['entries']:,}", *(
+                f"{p['ef_sweep'][ef]['recall_at_1']:.3f} / {p['ef_sweep'][ef]['recall']:.3f} / "
+                f"{p['ef_sweep'][ef]['knn_p95_ms']:.2f}" for ef in efs)))
+        text += "\n\n" + _render(rows, markdown)
+    limit = result.get("limit") or {}
+    if limit.get("max_entries_estimate"):
+        text += (f"\n\nlimit: {limit.get('reason')}; about {limit['max_entries_estimate']:,} entries fit "
+                 f"({limit.get('estimate_basis', 'measured memory per entry')})")
+    return text
 
 
 def plot_scaling(result: dict[str, Any], path: Path) -> Path:
@@ -164,11 +179,22 @@ def plot_scaling(result: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("MB (used_memory)")
     ax.set_title("Redis memory")
     ax = axes[2]
-    ax.plot(n, [p["recall"] for p in pts], "o-", color="#d1495b")
+    ef_default = str(result.get("config", {}).get("hnsw_ef_runtime", ""))
+    lows = [p["recall"] for p in pts]
+    for ef, style in (("200", ":"), ("100", "-."), ("50", "--")):
+        if all(ef in p.get("ef_sweep", {}) for p in pts) and ef != ef_default:
+            ys = [p["ef_sweep"][ef]["recall_at_1"] for p in pts]
+            ax.plot(n, ys, "o" + style, color="#edae49", label=f"recall@1, EF_RUNTIME {ef}")
+            lows += ys
+    ax.plot(n, [p["recall_at_1"] for p in pts], "s-", color="#00798c", label=f"recall@1, EF_RUNTIME {ef_default}")
+    ax.plot(n, [p["recall"] for p in pts], "o-", color="#d1495b",
+            label=f"recall@{result.get('k', 10)}, EF_RUNTIME {ef_default}")
+    lows += [p["recall_at_1"] for p in pts]
     ax.set_xscale("log")
-    ax.set_ylim(min(0.9, min(p["recall"] for p in pts) - 0.01), 1.001)
+    ax.set_ylim(min(0.9, min(lows) - 0.01), 1.005)
     ax.set_xlabel("entries")
-    ax.set_ylabel(f"recall@{result.get('k', 10)}")
+    ax.set_ylabel("recall")
+    ax.legend(fontsize=8)
     ax.set_title("HNSW recall against exact FLAT search")
     cfg = result.get("config", {})
     fig.suptitle(f"semcache scaling: {cfg.get('vector_type')} HNSW M={cfg.get('hnsw_m')} "

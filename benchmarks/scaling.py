@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -54,7 +54,8 @@ class ScalingOptions:
     redis_url: str | None = None
     data_dir: Path | None = None
     overrides: dict[str, Any] | None = None
-    memory_reserve_gb: float = 4.0  # left free for everything else on the machine
+    ef_sweep: tuple[int, ...] = (10, 20, 50, 100, 200)  # EF_RUNTIME values whose recall and time are measured
+    memory_reserve_gb: float = 6.0  # left free for everything else on the (shared) machine
     batch: int = 500
 
 
@@ -170,24 +171,38 @@ def _measure(sc: SemcacheSystem, queries: list[str], qvec: np.ndarray, k: int) -
                                                                                            if r.degraded})}
 
 
-def _recall(sc: SemcacheSystem, qvec: np.ndarray, k: int) -> dict[str, float]:
+def _recall(sc: SemcacheSystem, qvec: np.ndarray, k: int, ef_sweep: tuple[int, ...]) -> dict[str, Any]:
+    """Recall of the HNSW index against the exact FLAT top k, at the settings' EF_RUNTIME and at each of
+    ``ef_sweep`` (with the search time of each: the price of a better recall)."""
     client = sc.cache.handle.writer()
+    s = sc.settings
     flat = _flat_index(client, sc)
     try:
-        at_k, at_1 = [], []
-        for v in qvec:
-            exact = _knn_ids(client, flat, v, k, None, "FLOAT32")  # exact and full precision: the reference
-            approx = _knn_ids(client, alias_name(sc.settings), v, k, sc.settings.hnsw_ef_runtime,
-                              sc.settings.vector_type)
-            at_k.append(len(set(exact) & set(approx)) / max(len(exact), 1))
-            at_1.append(1.0 if exact[:1] == approx[:1] else 0.0)
-        return {"recall": round(float(np.mean(at_k)), 4), "recall_at_1": round(float(np.mean(at_1)), 4)}
+        exact = [_knn_ids(client, flat, v, k, None, "FLOAT32") for v in qvec]  # exact, full precision
+        sweep = {}
+        for ef in sorted({s.hnsw_ef_runtime, *ef_sweep}):
+            at_k, at_1, ms = [], [], []
+            for v, truth in zip(qvec, exact):
+                t0 = time.perf_counter()
+                approx = _knn_ids(client, alias_name(s), v, k, ef, s.vector_type)
+                ms.append((time.perf_counter() - t0) * 1000)
+                at_k.append(len(set(truth) & set(approx)) / max(len(truth), 1))
+                at_1.append(1.0 if truth[:1] == approx[:1] else 0.0)
+            t = summarize(ms)
+            sweep[str(ef)] = {"recall": round(float(np.mean(at_k)), 4), "recall_at_1": round(float(np.mean(at_1)), 4),
+                              "knn_p50_ms": t["p50_ms"], "knn_p95_ms": t["p95_ms"]}
+        mine = sweep[str(s.hnsw_ef_runtime)]
+        return {"recall": mine["recall"], "recall_at_1": mine["recall_at_1"], "ef_sweep": sweep}
     finally:
         client.execute_command("FT.DROPINDEX", flat)
 
 
-def run_scaling(opts: ScalingOptions, *, progress: bool = True) -> dict[str, Any]:
-    """Grow one index through ``opts.sizes``; returns ``{"points": [...], "limit": {...}, "config": {...}}``."""
+def run_scaling(opts: ScalingOptions, *, progress: bool = True,
+                checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Grow one index through ``opts.sizes``; returns ``{"points": [...], "limit": {...}, "config": {...}}``.
+
+    ``checkpoint`` gets the result so far after every size (a long run keeps what it measured if stopped).
+    """
     from tqdm import tqdm
 
     base = Settings(**({"redis_url": opts.redis_url} if opts.redis_url else {}))
@@ -232,8 +247,10 @@ def run_scaling(opts: ScalingOptions, *, progress: bool = True) -> dict[str, Any
                      "index_mb": round(index_memory(client, sc.index_name)["index_bytes"] / 2**20, 1)}
             point.update(_measure(sc, test, qvec, opts.k))
             bar.set_description_str(f"recall {size:,}")
-            point.update(_recall(sc, qvec, opts.k))
+            point.update(_recall(sc, qvec, opts.k, opts.ef_sweep))
             points.append(point)
+            if checkpoint:
+                checkpoint(_result(points, limit, opts, sc.describe()))
         cfg = sc.describe()
     finally:
         bar.close()
@@ -244,7 +261,17 @@ def run_scaling(opts: ScalingOptions, *, progress: bool = True) -> dict[str, Any
                 sc.close()
         handle.close()
         shutil.rmtree(work_dir, ignore_errors=True)
+    return _result(points, limit, opts, cfg)
+
+
+def _result(points: list[dict[str, Any]], limit: dict[str, Any], opts: ScalingOptions,
+            cfg: dict[str, Any]) -> dict[str, Any]:
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if points and limit.get("reason") != "memory":  # how many would fit: the machine's memory less the reserve
+        per_entry = points[-1]["used_memory_per_entry"]
+        limit = {**limit, "max_entries_estimate": int((total - opts.memory_reserve_gb * 2**30) / per_entry),
+                 "estimate_basis": f"{total / 2**30:.1f} GiB - {opts.memory_reserve_gb:g} GiB reserve, "
+                                   f"{per_entry:,.0f} bytes of used_memory per entry"}
     return {"points": points, "limit": limit, "k": opts.k, "queries": opts.queries, "config": cfg,
-            "machine": {"cpus": os.cpu_count(), "mem_total_gb": round(os.sysconf("SC_PAGE_SIZE")
-                                                                       * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
+            "sizes": opts.sizes, "machine": {"cpus": os.cpu_count(), "mem_total_gb": round(total / 2**30, 1)},
             "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

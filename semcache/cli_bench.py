@@ -41,7 +41,8 @@ def _sizes(value: str) -> list[int]:
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the JSON result to this file.")
 @click.option("--scaling", is_flag=True, help="Run the scaling run instead: latency, memory and HNSW recall by size.")
-@click.option("--sizes", default="10000,100000,1000000", show_default=True, help="Entries of the scaling run.")
+@click.option("--sizes", default="10000,100000,300000", show_default=True,
+              help="Entries of the scaling run (a size that would not fit in memory stops the run).")
 @click.option("--memory-options", "memory_options", is_flag=True,
               help="Measure the memory-per-entry options and their effect on quality instead.")
 @click.option("--pairs-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -73,9 +74,14 @@ def bench_cmd(against: str | None, entries: int, lookups: int, threads: int, as_
         from benchmarks.report import plot_scaling, scaling_table
         from benchmarks.scaling import ScalingOptions, run_scaling
 
+        def checkpoint(partial: dict) -> None:  # a long run keeps what it measured if it is stopped
+            if output:
+                output.parent.mkdir(parents=True, exist_ok=True)
+                output.write_text(json.dumps(partial, indent=2) + "\n")
+
         result = run_scaling(ScalingOptions(sizes=_sizes(sizes), seed=seed, backend=backend, redis_url=redis_url,
                                             data_dir=settings.data_dir, overrides=_overrides(settings)),
-                             progress=progress)
+                             progress=progress, checkpoint=checkpoint)
         table = scaling_table(result, markdown=markdown)
         plot = plot_scaling
     elif memory_options:
