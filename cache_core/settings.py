@@ -204,6 +204,10 @@ class Settings(BaseSettings):
         1000, ge=1, le=1_000_000, description="Write-backs of proxy misses a web process keeps waiting for the "
         "broker; beyond that new ones are dropped (and counted), the answers are not delayed.",
     )
+    proxy_coalesce: bool = Field(
+        True, description="Concurrent identical non-streamed misses (same prompt and scope) in one web process make "
+        "one upstream call; the others wait for it and relay its answer (X-Semcache-Coalesced: 1).",
+    )
     metrics_token: str | None = Field(
         None, description="Bearer token that GET /metrics requires; unset: /metrics is open (deployment-wide "
         "counters only: no tenant names, prompts or answers).",

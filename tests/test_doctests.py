@@ -1,4 +1,4 @@
-"""The examples in cache_core's docstrings are run, so they stay true."""
+"""The examples in docstrings are run, so they stay true."""
 
 import doctest
 import importlib
@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 MODULES = ["cache_core.schema", "cache_core.settings", "cache_core.celeryconf", "cache_core.testing",
-           "cache_core.policy"]
+           "cache_core.policy", "web.inflight"]
 
 
 @pytest.mark.parametrize("module", MODULES)

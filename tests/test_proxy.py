@@ -500,3 +500,94 @@ def test_a_streamed_miss_is_relayed_as_it_comes_and_written_back_once_complete(w
         release.set()
         _close(app)
         server.shutdown()
+
+
+# --- request coalescing ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def slow_llm() -> SimulatedLLM:
+    # Slow enough that every concurrent caller has looked up and joined before the first answer comes back.
+    return SimulatedLLM(answer_for=answer_for, error_for=error_for, base_ms=2500, per_token_ms=0, model="sim-test")
+
+
+@pytest.fixture(scope="module")
+def slow_proxy_app(worker_web_settings, embedder, slow_llm):
+    with FakeLLMServer(slow_llm) as server:
+        settings = worker_web_settings.model_copy(update={"upstream_url": server.url,
+                                                          "upstream_api_key": UPSTREAM_KEY})
+        app = _app(settings, embedder, queue=None)
+        yield app
+        _close(app)
+
+
+def _concurrently(app, requests: list[tuple[dict, str]]) -> list[Any]:
+    """Send ``(headers, question)`` requests at once, each from its own thread and test client."""
+    import threading
+
+    barrier = threading.Barrier(len(requests))
+    out: list[Any] = [None] * len(requests)
+
+    def send(i: int, headers: dict, question: str) -> None:
+        client = app.test_client()
+        barrier.wait()
+        out[i] = chat(client, headers, question)
+
+    threads = [threading.Thread(target=send, args=(i, h, q)) for i, (h, q) in enumerate(requests)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def test_concurrent_identical_misses_make_one_upstream_call(slow_proxy_app, slow_llm):
+    tenant = unique_tenant("co")
+    headers = key_for(slow_proxy_app, tenant)
+    question = "Do you fly to Lisbon?"
+    calls = slow_llm.calls
+    answers = _concurrently(slow_proxy_app, [(headers, question)] * 5)
+    assert slow_llm.calls == calls + 1
+    assert all(a.status_code == 200 for a in answers), [a.get_data(as_text=True) for a in answers]
+    texts = {a.get_json()["choices"][0]["message"]["content"] for a in answers}
+    assert texts == {ANSWERS["do you fly to lisbon"]}
+    assert all(a.headers["X-Semcache"] == "miss" for a in answers)
+    coalesced = [a for a in answers if a.headers.get("X-Semcache-Coalesced") == "1"]
+    assert len(coalesced) == 4
+    assert len({a.headers["X-Semcache-Lookup-Id"] for a in answers}) == 5  # each request keeps its own lookup
+    assert len(slow_proxy_app.extensions["semcache_proxy"].flights) == 0  # nothing left in flight
+    entry = wait_entry(slow_proxy_app, question, scope_of(slow_proxy_app, tenant, question))
+    assert entry is not None and entry.response == ANSWERS["do you fly to lisbon"]  # written back once, by the leader
+
+
+def test_coalescing_keeps_tenants_and_prompts_apart(slow_proxy_app, slow_llm):
+    a, b = unique_tenant("ca"), unique_tenant("cb")
+    ha, hb = key_for(slow_proxy_app, a), key_for(slow_proxy_app, b)
+    calls = slow_llm.calls
+    answers = _concurrently(slow_proxy_app, [(ha, "How many bags can I bring on board?"),
+                                             (hb, "How many bags can I bring on board?"),
+                                             (ha, "What is the baggage allowance for checked luggage?")])
+    assert slow_llm.calls == calls + 3
+    assert not any(x.headers.get("X-Semcache-Coalesced") for x in answers)
+
+
+def test_when_the_leader_fails_each_follower_forwards_on_its_own(slow_proxy_app, slow_llm):
+    headers = key_for(slow_proxy_app, unique_tenant("cf"))
+    calls = slow_llm.calls
+    answers = _concurrently(slow_proxy_app, [(headers, "RATE LIMIT please")] * 3)
+    assert slow_llm.calls == calls + 3  # an upstream error is never shared: each caller sees its own
+    assert [x.status_code for x in answers] == [429, 429, 429]
+    assert not any(x.headers.get("X-Semcache-Coalesced") for x in answers)
+
+
+def test_coalescing_can_be_switched_off(worker_web_settings, embedder, slow_llm):
+    with FakeLLMServer(slow_llm) as server:
+        settings = worker_web_settings.model_copy(update={"upstream_url": server.url, "upstream_api_key": UPSTREAM_KEY,
+                                                          "proxy_coalesce": False})
+        app = _app(settings, embedder, queue=None)
+        try:
+            headers = key_for(app, unique_tenant("cx"))
+            calls = slow_llm.calls
+            answers = _concurrently(app, [(headers, "Do you fly to Lisbon?")] * 3)
+            assert slow_llm.calls == calls + 3
+            assert all(x.status_code == 200 for x in answers)
+        finally:
+            _close(app)

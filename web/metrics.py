@@ -37,7 +37,7 @@ bp = Blueprint("metrics", __name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _OUTCOMES = (("hit", "exact"), ("hit", "semantic"), ("miss", "none"), ("degraded", "none"))
 _DECISIONS = ("approve", "hold", "drop", "invalid")
-_PROXY = ("hit", "miss", "bypass", "upstream_error", "not_cacheable")
+_PROXY = ("hit", "miss", "coalesced", "bypass", "upstream_error", "not_cacheable")
 _WRITEBACKS = ("sent", "failed", "dropped")
 _TIMERS = (("total", "semcache_lookup_duration_seconds", "Time of a whole lookup (exact check, embedding, search)."),
            ("embed", "semcache_embed_duration_seconds", "Time to embed a prompt, for the lookups that embedded one."),

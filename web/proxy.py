@@ -43,7 +43,7 @@ from werkzeug.exceptions import HTTPException
 from cache_core.apikeys import ApiKey, verify_key
 from cache_core.connection import make_client
 from cache_core.errors import BackendUnavailable, InvalidInput, SemcacheError
-from cache_core.schema import LookupResult, WriteCommand
+from cache_core.schema import LookupResult, WriteCommand, entry_id
 from cache_core.settings import Settings
 from cache_core.stats import record_counters
 from cache_core.tasks import WRITE_ENTRY
@@ -60,6 +60,7 @@ from .openai_chat import (
     parse_request,
     sse,
 )
+from .inflight import InFlight, Shared
 from .state import WebState
 from .upstream import Upstream, UpstreamFailure
 
@@ -244,6 +245,7 @@ class ProxyState:
         self.upstream = Upstream(s)
         self.memo = KeyMemo(s.proxy_key_grace_s)
         self.writeback = WriteBack(web.celery, web.redis, s)
+        self.flights = InFlight()
         self._auth_client: redis.Redis | None = None
         self._redis_down_until = 0.0
 
@@ -415,7 +417,9 @@ def chat_completions():
         headers["X-Semcache-Lookup-Id"] = lookup.lookup_id
     if degraded:
         headers["X-Semcache-Degraded"] = degraded
-    return _forward(ps, raw, req, ck, lookup, headers)
+    if req.stream or not ps.settings.proxy_coalesce:
+        return _forward(ps, raw, req, ck, lookup, headers)
+    return _forward_coalesced(ps, raw, req, ck, lookup, headers)
 
 
 _OTHER_METHODS = ["GET", "PUT", "PATCH", "DELETE"]
@@ -496,6 +500,38 @@ def _forward(ps: ProxyState, raw: dict[str, Any], req: ChatRequest, ck: CacheKey
         _write_back(ps, ck, lookup, req, _completion_of(answer.data))
     return Response(answer.content, status=answer.status, content_type="application/json",
                     headers={**answer.headers, **headers})
+
+
+def _forward_coalesced(ps: ProxyState, raw: dict[str, Any], req: ChatRequest, ck: CacheKey,
+                       lookup: LookupResult | None, headers: dict[str, str]) -> Response:
+    """:func:`_forward`, once per prompt and scope among concurrent requests of this process (web/inflight.py).
+
+    The key is the entry id the answer will be stored under (normalized prompt + scope, tenant and conversation
+    context included), so exactly the requests that the write-back would answer later share the call now.
+    """
+    key = entry_id(ck.prompt, ck.scope)
+    flight, leader = ps.flights.join(key)
+    if not leader:
+        s = ps.settings
+        shared = flight.wait(s.upstream_timeout_s + s.upstream_connect_timeout_s)
+        if shared is None:  # the leader failed or is stuck: this request goes upstream itself
+            return _forward(ps, raw, req, ck, lookup, headers)
+        ps.writeback.count("proxy_coalesced")
+        return Response(shared.body, status=shared.status, content_type=shared.content_type,
+                        headers={**shared.headers, **headers, "X-Semcache-Coalesced": "1"})
+    answer: Shared | None = None
+    try:
+        response = _forward(ps, raw, req, ck, lookup, headers)
+        if response.status_code == 200 and not response.is_streamed:
+            upstream = {k: v for k, v in response.headers.items()
+                        if not k.lower().startswith("x-semcache") and k.lower() not in _HOP_HEADERS}
+            answer = Shared(response.get_data(), 200, response.content_type or "application/json", upstream)
+        return response
+    finally:
+        ps.flights.finish(key, flight, answer)
+
+
+_HOP_HEADERS = {"content-length", "content-type", "connection", "transfer-encoding", "date", "server"}
 
 
 def _completion_of(data: dict[str, Any]) -> dict[str, Any] | None:
