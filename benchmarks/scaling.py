@@ -136,8 +136,10 @@ def _flat_index(client: Any, sc: SemcacheSystem) -> str:
         time.sleep(0.5)
 
 
-def _knn_ids(client: Any, index: str, vector: np.ndarray, k: int, ef: int | None, vector_type: str) -> list[str]:
-    query = f"(@tenant:{{$t}})=>[KNN {k} @{Fields.EMBEDDING} $v" + (f" EF_RUNTIME {ef}" if ef else "") + " AS d]"
+def _knn_ids(client: Any, index: str, vector: np.ndarray, k: int, ef: int | None, vector_type: str,
+             batches: bool = False) -> list[str]:
+    query = (f"(@tenant:{{$t}})=>[KNN {k} @{Fields.EMBEDDING} $v" + (f" EF_RUNTIME {ef}" if ef else "")
+             + (" HYBRID_POLICY BATCHES" if batches else "") + " AS d]")
     blob = vector.astype(np.float16 if vector_type == "FLOAT16" else np.float32).tobytes()
     reply = client.execute_command("FT.SEARCH", index, query, "PARAMS", "4", "t", tag_token(TENANT), "v",
                                    blob, "SORTBY", "d", "NOCONTENT",
@@ -147,7 +149,13 @@ def _knn_ids(client: Any, index: str, vector: np.ndarray, k: int, ef: int | None
             else str(r.get("id")) for r in rows]
 
 
-def _measure(sc: SemcacheSystem, queries: list[str], qvec: np.ndarray, k: int) -> dict[str, Any]:
+def _batches(sc: SemcacheSystem, size: int) -> bool:
+    """Whether the read path searches a scope of ``size`` with HYBRID_POLICY BATCHES (as cache.py decides)."""
+    return bool(sc.settings.hybrid_batches_min) and size >= sc.settings.hybrid_batches_min
+
+
+def _measure(sc: SemcacheSystem, queries: list[str], qvec: np.ndarray, k: int, size: int) -> dict[str, Any]:
+    """Lookups through the read path, then the KNN alone, sent exactly as the read path sends it."""
     s = sc.settings
     client = sc.cache.handle.writer()  # generous timeouts: a slow search is measured, not cut off
     sc.clear_embedding_cache()
@@ -158,7 +166,8 @@ def _measure(sc: SemcacheSystem, queries: list[str], qvec: np.ndarray, k: int) -
     filt, params = scope_filter(sc.scope, s.extra_scope_fields, now=time.time())
     search_ms = []
     for v in qvec:
-        query, p = knn_query(filt, params, v, k=s.knn_k, ef_runtime=s.hnsw_ef_runtime, vector_type=s.vector_type)
+        query, p = knn_query(filt, params, v, k=s.knn_k, ef_runtime=s.hnsw_ef_runtime, vector_type=s.vector_type,
+                             batches=_batches(sc, size))
         t0 = time.perf_counter()
         parse_knn(client.execute_command(*search_args(alias_name(s), query, p, s.knn_k)))
         search_ms.append((time.perf_counter() - t0) * 1000)
@@ -171,7 +180,7 @@ def _measure(sc: SemcacheSystem, queries: list[str], qvec: np.ndarray, k: int) -
                                                                                            if r.degraded})}
 
 
-def _recall(sc: SemcacheSystem, qvec: np.ndarray, k: int, ef_sweep: tuple[int, ...]) -> dict[str, Any]:
+def _recall(sc: SemcacheSystem, qvec: np.ndarray, k: int, ef_sweep: tuple[int, ...], size: int) -> dict[str, Any]:
     """Recall of the HNSW index against the exact FLAT top k, at the settings' EF_RUNTIME and at each of
     ``ef_sweep`` (with the search time of each: the price of a better recall)."""
     client = sc.cache.handle.writer()
@@ -184,7 +193,7 @@ def _recall(sc: SemcacheSystem, qvec: np.ndarray, k: int, ef_sweep: tuple[int, .
             at_k, at_1, ms = [], [], []
             for v, truth in zip(qvec, exact):
                 t0 = time.perf_counter()
-                approx = _knn_ids(client, alias_name(s), v, k, ef, s.vector_type)
+                approx = _knn_ids(client, alias_name(s), v, k, ef, s.vector_type, _batches(sc, size))
                 ms.append((time.perf_counter() - t0) * 1000)
                 at_k.append(len(set(truth) & set(approx)) / max(len(truth), 1))
                 at_1.append(1.0 if truth[:1] == approx[:1] else 0.0)
@@ -245,9 +254,10 @@ def run_scaling(opts: ScalingOptions, *, progress: bool = True,
                      "used_memory_mb": round(used / 2**20, 1),
                      "used_memory_per_entry": round((used - used0) / size, 1),
                      "index_mb": round(index_memory(client, sc.index_name)["index_bytes"] / 2**20, 1)}
-            point.update(_measure(sc, test, qvec, opts.k))
+            point.update(_measure(sc, test, qvec, opts.k, size))
             bar.set_description_str(f"recall {size:,}")
-            point.update(_recall(sc, qvec, opts.k, opts.ef_sweep))
+            point.update(_recall(sc, qvec, opts.k, opts.ef_sweep, size))
+            point["hybrid_policy"] = "BATCHES" if _batches(sc, size) else "default"
             points.append(point)
             if checkpoint:
                 checkpoint(_result(points, limit, opts, sc.describe()))
