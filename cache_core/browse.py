@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import numpy as np
 import redis
 from pydantic import ValidationError
 
@@ -246,14 +245,18 @@ def tenant_summary(client: redis.Redis, settings: Settings, *, limit: int = 1000
 def neighbours(client: redis.Redis, settings: Settings, doc: dict[str, Any], *, k: int = 5) -> list[Neighbour]:
     """The ``k`` nearest other entries of ``doc``'s scope (any status), by a KNN with its own embedding."""
     from .query import knn_query, search_args
-    from .schema import Scope
+    from .schema import Scope, embedding_vector
 
     embedding = doc.get("embedding")
     if not embedding:
         return []
+    try:
+        # floats or scaled integers (SEMCACHE_EMBEDDING_STORAGE): the query wants a unit float vector either way
+        vector = embedding_vector(embedding)
+    except (ValueError, TypeError):
+        return []  # a damaged vector has no neighbours; the rest of the detail page still renders
     filt, params = scope_filter(Scope.model_validate(doc["scope"]), settings.extra_scope_fields, status=None,
                                 now=time.time())
-    vector = np.asarray(embedding, dtype=np.float32)
     query, params = knn_query(filt, params, vector, k=k + 1, ef_runtime=max(settings.hnsw_ef_runtime, 2 * k + 2),
                               vector_type=settings.vector_type)
     try:

@@ -17,11 +17,11 @@ from typing import Any, Callable
 import redis
 
 from .connection import text
-from .errors import BackendUnavailable, IndexMismatch
-from .schema import SCHEMA_VERSION, Fields
+from .errors import BackendUnavailable, ConfigError, IndexMismatch
+from .schema import SCHEMA_VERSION, Fields, quantize_embedding
 from .settings import Settings
 
-__all__ = ["IndexSpec", "ensure_index", "index_info", "migrate", "alias_name", "drop_index"]
+__all__ = ["IndexSpec", "ensure_index", "index_info", "migrate", "alias_name", "drop_index", "check_json_fpha"]
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,8 @@ def ensure_index(client: redis.Redis, spec: IndexSpec) -> str:
     Never drops or rebuilds anything by itself.
     """
     settings = spec.settings
+    if settings.json_fpha != "off":
+        check_json_fpha(client, settings)
     try:
         name = _physical_name(client, settings)
         if name is None:
@@ -170,6 +172,48 @@ def ensure_index(client: redis.Redis, spec: IndexSpec) -> str:
         if isinstance(exc, redis.ResponseError):
             raise IndexMismatch(f"cannot create or read index {alias_name(settings)}: {exc}") from exc
         raise BackendUnavailable(f"Redis failed while checking the index: {exc}") from exc
+
+
+def _json_module_version(client: redis.Redis) -> str:
+    """The JSON module's version as ``major.minor.patch`` (``MODULE LIST`` ``ver`` 20803 -> ``2.8.3``), or
+    ``"unknown"`` where the server does not say (managed services may refuse ``MODULE LIST``)."""
+    try:
+        for module in client.execute_command("MODULE", "LIST"):
+            fields = module if isinstance(module, dict) else dict(zip(module[::2], module[1::2]))
+            fields = {text(k): v for k, v in fields.items()}
+            if text(fields.get("name", "")) == "ReJSON":
+                ver = int(fields.get("ver", 0))
+                return f"{ver // 10000}.{ver // 100 % 100}.{ver % 100}"
+    except (redis.RedisError, ValueError, TypeError):
+        pass
+    return "unknown"
+
+
+def check_json_fpha(client: redis.Redis, settings: Settings) -> None:
+    """Refuse ``SEMCACHE_JSON_FPHA`` (raise :class:`ConfigError`) unless the server accepts ``JSON.SET ... FPHA``.
+
+    The check is what the writers will do: a ``JSON.SET`` of a one-element float array with the option, on a
+    scratch key that is deleted at once. (A version number would not do: Redis 8's built-in JSON module and the
+    separate RedisJSON 2.x number their versions differently, and managed services may hide them.)
+    """
+    probe = settings.key("fpha-probe")
+    try:
+        client.execute_command("JSON.SET", probe, "$", "[0.5]", "FPHA", settings.json_fpha)
+    except redis.ResponseError as exc:
+        raise ConfigError(
+            f"SEMCACHE_JSON_FPHA={settings.json_fpha} needs a Redis whose JSON module accepts JSON.SET ... FPHA "
+            f"(Redis 8.8 or later); this server's JSON module is version {_json_module_version(client)} and "
+            f"answered: {exc}",
+            hint="unset SEMCACHE_JSON_FPHA (SEMCACHE_EMBEDDING_STORAGE=int8 is the compact storage that works on "
+            "every server), or upgrade to redis:8.8",
+        ) from exc
+    except redis.RedisError as exc:
+        raise BackendUnavailable(f"Redis failed while checking JSON.SET ... FPHA: {exc}") from exc
+    finally:
+        try:
+            client.delete(probe)
+        except redis.RedisError:
+            pass
 
 
 def verify_index(client: redis.Redis, spec: IndexSpec, name: str | None = None) -> None:
@@ -259,8 +303,12 @@ def migrate(
             vectors = reembed([p for _, p in live]) if live else []
             pipe = client.pipeline(transaction=False)
             for (key, _), vector in zip(live, vectors):
-                pipe.execute_command("JSON.SET", key, f"$.{Fields.EMBEDDING}", json.dumps([float(x) for x in vector]),
-                                     "XX")
+                # stored as SEMCACHE_EMBEDDING_STORAGE says, like every other writer (a migration converts old
+                # float documents to the configured storage)
+                stored = quantize_embedding(vector, settings.embedding_storage)
+                fpha = [] if settings.json_fpha == "off" else ["FPHA", settings.json_fpha]
+                pipe.execute_command("JSON.SET", key, f"$.{Fields.EMBEDDING}",
+                                     json.dumps([float(x) for x in stored] if fpha else stored), "XX", *fpha)
             pipe.execute()
             rewritten += len(live)
             if progress:

@@ -80,7 +80,11 @@ class Settings(BaseSettings):
     hybrid_batches_min: int = Field(
         2000, ge=0, description="Scopes with at least this many entries are searched by walking the HNSW graph "
         "(HYBRID_POLICY BATCHES) instead of brute force over the scope; 0: always let RediSearch choose.")
-    vector_type: Literal["FLOAT32", "FLOAT16"] = Field("FLOAT32", description="Vector type inside the index.")
+    vector_type: Literal["FLOAT32", "FLOAT16"] = Field(
+        "FLOAT16", description="Vector type inside the index. FLOAT16 (the default since issue 6) saves about "
+        "0.8 KB per entry at the same search time and quality; an index built with the other type is refused "
+        "until `semcache index migrate` rebuilds it.",
+    )
 
     # --- entries -------------------------------------------------------------------------------------------
     ttl_seconds: int = Field(7 * 24 * 3600, ge=1, le=10 * 365 * 24 * 3600, description="Default entry TTL.")
@@ -156,7 +160,9 @@ class Settings(BaseSettings):
     worker_model_threads: int = Field(
         0, ge=0, le=256, description="Threads of the model in each worker process; 0: (cores - 1) / processes."
     )
-    enqueue_batch_size: int = Field(32, ge=1, le=1000, description="Writes the read path sends in one task.")
+    # 128, not 32: the worker embeds a task's prompts in length buckets, and a bigger task fills them better
+    # (1.2x more prompts per CPU second; docs/performance.md, "Writes"). Only a burst of misses fills a batch.
+    enqueue_batch_size: int = Field(128, ge=1, le=1000, description="Writes the read path sends in one task.")
     enqueue_linger_ms: int = Field(5, ge=0, le=10_000, description="How long the write queue waits to fill a batch.")
     enqueue_max_pending: int = Field(10_000, ge=1, description="Writes waiting to be sent before new ones are dropped.")
     safety_policy_file: Path | None = Field(
@@ -211,6 +217,18 @@ class Settings(BaseSettings):
     metrics_token: str | None = Field(
         None, description="Bearer token that GET /metrics requires; unset: /metrics is open (deployment-wide "
         "counters only: no tenant names, prompts or answers).",
+    )
+
+    # --- memory per entry: how $.embedding is stored (issue 6; docs/performance.md "Memory per entry") ---------
+    embedding_storage: Literal["float32", "int16", "int8"] = Field(
+        "int8", description="How each document stores its embedding ($.embedding): int8 (integers in -127..127 "
+        "scaled per vector; similarities move by at most 0.002), int16 (scaled to +-32767) or float32 (JSON floats). "
+        "Measured per entry: 11.0 / 12.5 / 17.2 KB with the FLOAT16 index, RedisVL 5.0 KB. Cosine ignores the "
+        "scale, so all three search alike; documents of every kind mix in one index (no migration needed).",
+    )
+    json_fpha: Literal["off", "FP32", "FP16", "BF16"] = Field(
+        "off", description="Redis 8.8+ only: write $.embedding with JSON.SET ... FPHA <type> (a packed float array, "
+        "2-4 bytes per element). Refused at startup when the server's JSON module does not support it.",
     )
 
     @field_validator("safety_caller_flags_drop", "safety_caller_flags_hold", "safety_extra_checks", mode="before")

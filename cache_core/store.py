@@ -14,9 +14,10 @@ import hashlib
 import json
 import logging
 import time
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, Sequence
 
 import redis
+from pydantic import ValidationError
 
 from .connection import text
 from .errors import BackendUnavailable, InvalidInput
@@ -33,11 +34,13 @@ from .schema import (
     entry_id,
     normalize_prompt,
     prompt_hash,
+    quantize_embedding,
 )
 from .settings import Settings
 
 __all__ = [
     "build_entry",
+    "document_set_args",
     "write_entry",
     "write_entries",
     "set_status",
@@ -68,26 +71,35 @@ def build_entry(
     command: WriteCommand,
     *,
     settings: Settings,
-    embedding: list[float],
+    embedding: Sequence[float],
     status: Status = Status.APPROVED,
     flags: Iterable[str] = (),
     reasons: Iterable[FlagReason] = (),
     provenance: Provenance | None = None,
     ttl_seconds: int | None = None,
     now: float | None = None,
+    dim: int | None = None,
 ) -> CacheEntry:
+    """The document of one write. ``embedding`` is the float vector; it is stored as
+    ``SEMCACHE_EMBEDDING_STORAGE`` says (:func:`~cache_core.schema.quantize_embedding`), so every writer (the
+    worker, ``semcache eval``, seeding, benchmarks) stores vectors the same way. With ``dim``, a vector of another
+    dimension is refused."""
     now = now or time.time()
     ttl = ttl_seconds or command.ttl_seconds or settings.ttl_seconds
     unknown = set(command.scope.extra) - set(settings.extra_scope_fields)
     if unknown:
         raise InvalidInput(f"unknown extra scope fields {sorted(unknown)}; declared: {settings.extra_scope_fields}",
                            field="scope")
-    return CacheEntry(
+    try:
+        stored = quantize_embedding(embedding, settings.embedding_storage)
+    except ValueError as exc:
+        raise InvalidInput(str(exc), field="embedding") from exc
+    fields = dict(
         v=SCHEMA_VERSION,
         id=entry_id(command.prompt, command.scope),
         prompt=command.prompt,
         prompt_hash=prompt_hash(command.prompt),
-        embedding=[float(x) for x in embedding],
+        embedding=stored,
         response=command.response,
         scope=command.scope,
         tags=command.scope.tags(settings.extra_scope_fields),
@@ -101,6 +113,28 @@ def build_entry(
         metadata=command.metadata,
         provenance=provenance or Provenance(source=command.source, lookup_id=command.lookup_id),
     )
+    if dim is None:
+        return CacheEntry(**fields)
+    try:
+        return CacheEntry.model_validate(fields, context={"dim": dim})
+    except ValidationError as exc:
+        raise InvalidInput(exc.errors()[0]["msg"], field="embedding") from exc
+
+
+def document_set_args(key: str, entry: CacheEntry, settings: Settings) -> list[list[str]]:
+    """The ``JSON.SET`` command(s) that write one entry's document.
+
+    One command normally. With ``SEMCACHE_JSON_FPHA`` (Redis 8.8+), the document goes first without its
+    embedding, then the embedding alone with ``FPHA <type>``: the option packs *every* floating-point homogeneous
+    array of the value it is given, and the document has others that must stay plain numbers (the character
+    offsets in ``reasons[].spans`` would not even fit in FP16). Both run in the caller's ``MULTI``.
+    """
+    doc = entry.document()
+    if settings.json_fpha == "off":
+        return [["JSON.SET", key, "$", json.dumps(doc, ensure_ascii=False)]]
+    vector = [float(x) for x in doc.pop("embedding")]  # floats: FPHA is about floating-point arrays
+    return [["JSON.SET", key, "$", json.dumps(doc, ensure_ascii=False)],
+            ["JSON.SET", key, "$.embedding", json.dumps(vector), "FPHA", settings.json_fpha]]
 
 
 def audit(pipe: Any, settings: Settings, **fields: Any) -> None:
@@ -162,7 +196,8 @@ def write_entries(client: redis.Redis, settings: Settings, entries: list[CacheEn
                     elif moderation:
                         outcomes[i] = "kept_moderated"
                     else:
-                        pipe.execute_command("JSON.SET", keys[i], "$", json.dumps(entry.document(), ensure_ascii=False))
+                        for args in document_set_args(keys[i], entry, settings):
+                            pipe.execute_command(*args)
                         pipe.expireat(keys[i], int(entry.expires_at) + 1)
                         audit(pipe, settings, event="write", id=entry.id, status=entry.status.value, task_id=task_id,
                               flags=entry.flags, tenant=entry.scope.tenant)
@@ -294,6 +329,6 @@ def write_command(client: redis.Redis, settings: Settings, embedder: Any, comman
     elif len(embedding) != embedder.dim:
         raise InvalidInput(f"embedding has {len(embedding)} dimensions, the index has {embedder.dim}",
                            field="embedding")
-    entry = build_entry(command, settings=settings, embedding=embedding, status=status,
+    entry = build_entry(command, settings=settings, embedding=embedding, status=status, dim=embedder.dim,
                         provenance=Provenance(task_id=task_id, source=command.source, lookup_id=command.lookup_id))
     return entry.id, write_entry(client, settings, entry, task_id=task_id)

@@ -1,5 +1,6 @@
 """The index: created from the schema, idempotent, verified, migrated by alias swap; never rebuilt silently."""
 
+import numpy as np
 import pytest
 
 from cache_core.errors import IndexMismatch
@@ -56,7 +57,8 @@ def test_migrate_swaps_the_alias_and_keeps_entries(redis_client, make_settings):
     info = index_info(redis_client, settings)
     assert info["index"] == out["new"] and info["num_docs"] == 5
     # the re-embedded documents answer a KNN in the new dimension through the alias
-    vec = new_embedder.embed(["question 3"])[0].tobytes()
+    dtype = np.float16 if settings.vector_type == "FLOAT16" else np.float32  # the index's own vector type
+    vec = new_embedder.embed(["question 3"])[0].astype(dtype).tobytes()
     reply = redis_client.execute_command(
         "FT.SEARCH", alias_name(settings), "*=>[KNN 1 @embedding $v AS d]", "PARAMS", "2", "v", vec,
         "RETURN", "1", "$.prompt", "DIALECT", "2")
