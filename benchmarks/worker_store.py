@@ -62,7 +62,9 @@ class WorkerStore:
 
     def _env(self) -> dict[str, str]:
         s = self.settings
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SEMCACHE_")}
+        # the worker's own knobs (pool threads, batching) pass through, to measure them; nothing else of the shell
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("SEMCACHE_") or k.startswith(("SEMCACHE_WORKER_", "SEMCACHE_ONNX_"))}
         env.update({
             "SEMCACHE_REDIS_URL": self.redis_url, "SEMCACHE_BROKER_URL": s.broker_url, "SEMCACHE_INDEX": s.index,
             "SEMCACHE_DATA_DIR": str(s.data_dir), "SEMCACHE_EMBEDDING_BACKEND": s.embedding_backend,

@@ -56,6 +56,7 @@ __all__ = [
     "load_embedder",
     "export_onnx",
     "onnx_export_dir",
+    "length_buckets",
 ]
 
 log = logging.getLogger(__name__)
@@ -481,7 +482,8 @@ class _OnnxRunner:
         self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
         # tokenizer.json may carry fixed padding/truncation from training; use the model's window, pad per batch
         self.tokenizer.enable_truncation(int(meta["max_seq_length"]))
-        self.tokenizer.enable_padding(pad_id=int(meta["pad_id"]), pad_token=str(meta["pad_token"]))
+        self.tokenizer.no_padding()  # we pad each length bucket ourselves (see encode)
+        self.pad_id = int(meta["pad_id"])
         self._session = None
         self._pid = -1
 
@@ -500,22 +502,60 @@ class _OnnxRunner:
         return self._session
 
     def encode(self, texts: list[str], *, batch_size: int) -> np.ndarray:
-        # Similar lengths batch together so short prompts do not pay for a long one's padding.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        """Vectors of ``texts`` in their order: tokenized once, run in batches of similar token counts."""
+        encodings = self.tokenizer.encode_batch(texts)
         out: np.ndarray | None = None
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            encodings = self.tokenizer.encode_batch([texts[i] for i in rows])
-            feeds = {
-                "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-                "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-                "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
-            }
+        for rows in length_buckets([len(e.ids) for e in encodings], batch_size):
+            width = max(len(encodings[i].ids) for i in rows)
+            feeds = {name: np.zeros((len(rows), width), dtype=np.int64) for name in _FEED_NAMES}
+            feeds["input_ids"].fill(self.pad_id)
+            for row, i in enumerate(rows):
+                e = encodings[i]
+                n = len(e.ids)
+                feeds["input_ids"][row, :n] = e.ids
+                feeds["attention_mask"][row, :n] = e.attention_mask
+                feeds["token_type_ids"][row, :n] = e.type_ids
             vectors = self.session.run(None, {n: feeds[n] for n in self.inputs})[0]
             if out is None:
                 out = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
             out[rows] = vectors
         return out if out is not None else np.empty((0, 0), dtype=np.float32)
+
+
+_FEED_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+PADDING_SLACK = 0.10  # a bucket may hold at most this share of padding tokens beyond its real ones
+
+
+def length_buckets(lengths: Sequence[int], batch_size: int, *, slack: float = PADDING_SLACK) -> list[list[int]]:
+    """Positions of ``lengths`` grouped into model batches of similar length: at most ``batch_size`` each, and
+    padded to its longest member with at most ``slack`` x its real tokens of padding.
+
+    A forward pass costs about (rows x longest row) whatever the rows hold, so a batch of 32 chat prompts padded to
+    its longest one spends about a third of its time on padding. Buckets win most of it back: 1.24x more CLINC150
+    prompts per CPU second than batches sorted by characters, for tasks of 32 prompts (docs/performance.md,
+    "Writes"). Many small buckets cost little: one onnxruntime pass has a small fixed cost next to the work per
+    token. Every position is in exactly one bucket; the caller puts the results back in its own order.
+
+    >>> length_buckets([5, 30, 5, 31, 12], 32)
+    [[0, 2], [4], [1, 3]]
+    >>> length_buckets([4, 4, 4], 2)
+    [[0, 1], [2]]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    tokens = 0
+    for i in order:
+        n = max(1, lengths[i])
+        # sorted ascending: the newcomer is the longest, so the padded size is (rows + 1) x n
+        if current and (len(current) >= batch_size or (len(current) + 1) * n > (1 + slack) * (tokens + n)):
+            buckets.append(current)
+            current, tokens = [], 0
+        current.append(i)
+        tokens += n
+    if current:
+        buckets.append(current)
+    return buckets
 
 
 class OnnxEmbedder(CachedEmbedder):

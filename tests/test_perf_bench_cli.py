@@ -56,3 +56,18 @@ def test_ratios_goals_and_table_read_the_json_shape():
     table = comparison_table({"semcache": s, "redisvl": v, "ratios": r, "goals": g}, markdown=True)
     assert "| lookup p50 (ms), mixed | 3.00 | 9.00 | 0.33x | <= 0.5x met |" in table
     assert "NOT met" in table
+
+
+def test_store_only_entry_point_accepts_only_known_phases(capsys):
+    """``python -m benchmarks.compare --phases store`` (the quick side-by-side store run) refuses a phase list it
+    cannot run, before starting anything."""
+    import pytest
+
+    from benchmarks.compare import BenchOptions, main
+
+    assert BenchOptions().phases == ("store", "lookups") and BenchOptions().store_blocks >= 2
+    for bad in ("lookups", "store,writes", ""):
+        with pytest.raises(SystemExit) as exc:
+            main(["--phases", bad])
+        assert exc.value.code == 2
+    assert "--phases takes store" in capsys.readouterr().err

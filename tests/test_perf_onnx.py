@@ -99,3 +99,37 @@ def test_thread_count_can_be_set(onnx_embedder):
         assert onnx_embedder._runner.session.get_session_options().intra_op_num_threads == 1
     finally:
         onnx_embedder.set_num_threads(0)
+
+
+def test_length_buckets_cover_every_position_once_within_the_limits():
+    from hypothesis import given, settings, strategies as st
+
+    from cache_core.embedder import PADDING_SLACK, length_buckets
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.integers(min_value=0, max_value=300), max_size=200), st.integers(min_value=1, max_value=64))
+    def check(lengths, batch_size):
+        buckets = length_buckets(lengths, batch_size)
+        assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+        for bucket in buckets:
+            assert 1 <= len(bucket) <= batch_size
+            if len(bucket) > 1:  # a bucket of one pads nothing; a bigger one stays within the slack
+                sizes = [max(1, lengths[i]) for i in bucket]
+                assert len(sizes) * max(sizes) <= (1 + PADDING_SLACK) * sum(sizes) + 1e-9
+
+    check()
+
+
+def test_bucketed_batch_gives_each_text_its_own_vector_in_order(onnx_embedder):
+    """One call with prompts of very different lengths (several buckets, out of order) returns, row by row, what
+    each prompt embeds to alone: the length sorting is undone."""
+    texts = ["short", "a much longer prompt about the opening hours of the museum on public holidays, please",
+             "hi", "medium sized question here", "x " * 300, "what is the weather", "ok"] * 5
+    onnx_embedder.clear_cache()
+    together = onnx_embedder._encode(texts)  # the runner itself: no LRU, no de-duplication in between
+    alone = np.stack([onnx_embedder._encode([t])[0] for t in texts[:7]] * 5)
+    together /= np.linalg.norm(together, axis=1, keepdims=True)
+    alone /= np.linalg.norm(alone, axis=1, keepdims=True)
+    assert (together * alone).sum(axis=1).min() > 0.9999
+    # and the rows are not interchangeable: a mix-up would pair a prompt with another one's vector
+    assert (together[0] * alone[1]).sum() < 0.9

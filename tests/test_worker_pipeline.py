@@ -11,7 +11,7 @@ import pytest
 from cache_core.celeryconf import task_queue
 from cache_core.cache import SemanticCache
 from cache_core.embedded import free_port
-from cache_core.schema import WriteCommand
+from cache_core.schema import WriteCommand, quantize_embedding
 from cache_core.stats import read_stats
 from cache_core.store import get_document
 from cache_core.tasks import SET_STATUS, WRITE_ENTRY
@@ -196,7 +196,8 @@ def test_write_entries_embeds_and_writes_a_batch_and_reports_each_command(worker
     assert len(entry_keys(redis_client, worker_settings, t)) == 3
     assert get_document(redis_client, worker_settings, by_index[5]["id"])["response"] == "Two."
     stored = get_document(redis_client, worker_settings, by_index[0]["id"])["embedding"]
-    assert stored == pytest.approx(vector, abs=1e-6)  # the read path's vector is used as given
+    # the read path's vector is used as given, stored as SEMCACHE_EMBEDDING_STORAGE says (int8 by default)
+    assert stored == quantize_embedding(vector, worker_settings.embedding_storage)
     garbage = run_task(celery_app, WRITE_ENTRIES, commands="nope")
     assert garbage.state == "FAILURE" and type(garbage.result).__name__ == "InvalidInput"
 

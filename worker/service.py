@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from cache_core.embedder import Embedder
 from cache_core.errors import BackendUnavailable, InvalidInput, NotFound
-from cache_core.feedback import record_feedback
+from cache_core.feedback import record_entry_feedback, record_feedback
 from cache_core.purge import purge as purge_entries
 from cache_core.schema import Decision, Provenance, Status, WriteCommand, entry_id
 from cache_core.settings import Settings
@@ -146,11 +146,13 @@ def write_commands(client: redis.Redis, settings: Settings, embedder: Embedder, 
         plans.append((index, plan_write(command, settings, pipeline)))
     keep = [(i, p) for i, p in plans if p.verdict.decision != Decision.DROP]
     missing = [p.command.prompt for _, p in keep if p.command.embedding is None]
-    vectors = iter(embedder.embed(missing)) if missing else iter(())
+    # one model call for the whole task (the embedder sorts it into length buckets); tolist() converts the float32
+    # rows to Python floats in C, the same values as float() on each, at a fraction of the cost
+    vectors = iter(np.asarray(embedder.embed(missing)).tolist()) if missing else iter(())
     entries = []
     for _, plan in keep:
         cmd = plan.command
-        vector = _unit(cmd.embedding) if cmd.embedding is not None else [float(x) for x in next(vectors)]
+        vector = _unit(cmd.embedding) if cmd.embedding is not None else next(vectors)
         entries.append(build_entry(
             cmd, settings=settings, embedding=vector, status=_STATUS[plan.verdict.decision],
             flags=plan.verdict.flags, reasons=plan.verdict.reasons, ttl_seconds=plan.ttl_seconds,
@@ -231,11 +233,15 @@ def give_feedback(client: redis.Redis, settings: Settings, raw: Any) -> dict[str
     """Feedback on a served answer (the ``semcache.feedback`` task): may raise the entry's threshold or demote it."""
     cmd: FeedbackCommand = parse_model(FeedbackCommand, raw, "feedback")
     try:
-        result = record_feedback(client, settings, cmd.lookup_id, cmd.correct, tenant=cmd.tenant, by=cmd.by)
-    except NotFound as exc:  # expired or unknown lookup: nothing to retry
-        return {"lookup_id": cmd.lookup_id, "found": False, "error": str(exc)}
+        if cmd.entry_id is not None:  # the admin UI's "wrong answer": a report on the entry itself
+            result = record_entry_feedback(client, settings, cmd.entry_id, cmd.correct, tenant=cmd.tenant, by=cmd.by,
+                                           reason=cmd.reason)
+        else:
+            result = record_feedback(client, settings, cmd.lookup_id, cmd.correct, tenant=cmd.tenant, by=cmd.by)
+    except NotFound as exc:  # expired or unknown lookup, entry gone: nothing to retry
+        return {"lookup_id": cmd.lookup_id, "entry_id": cmd.entry_id, "found": False, "error": str(exc)}
     return {"found": True, **result.model_dump(mode="json", include={"lookup_id", "entry_id", "correct",
-                                                                    "demoted", "duplicate"})}
+                                                                    "demoted", "duplicate", "state", "status"})}
 
 
 def run_purge(client: redis.Redis, settings: Settings, raw: Any,
