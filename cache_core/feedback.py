@@ -1,4 +1,4 @@
-"""Feedback on served answers: "this hit was right / wrong", by ``lookup_id``.
+"""Feedback on served answers: "this hit was right / wrong", by ``lookup_id`` (API) or by entry id (admin UI).
 
 The read path logs every hit, off the hot path (the :class:`~cache_core.stats.StatsRecorder` buffer), as
 ``<index>:lookup:<lookup_id>`` for ``SEMCACHE_FEEDBACK_WINDOW_S``: which entry was served, at which similarity, in
@@ -16,6 +16,11 @@ which scope. :func:`record_feedback` reads that record and updates the entry's o
 Each lookup can be rated once; feedback is bound to the tenant of the lookup (a tenant's API key can only rate its
 own lookups). A rewrite of the entry by a new write (same prompt and scope) starts from a clean state, unless a
 moderator decided on it.
+
+:func:`record_entry_feedback` is the admin UI's "wrong answer" action: a moderator rates the entry itself, with no
+lookup behind the report. Both entry points end in :func:`apply_feedback`, so a report counts the same either way;
+an entry-level report carries no match similarity, so it counts towards demotion but leaves the entry's similarity
+floor alone (only a rated lookup knows at which similarity the wrong match happened).
 """
 
 from __future__ import annotations
@@ -35,9 +40,21 @@ from .schema import Scope, Status
 from .settings import Settings
 from .stats import record_counters
 
-__all__ = ["FeedbackResult", "FeedbackState", "record_feedback", "apply_feedback", "log_lookup", "lookup_record"]
+__all__ = [
+    "FeedbackResult",
+    "FeedbackState",
+    "record_feedback",
+    "record_entry_feedback",
+    "apply_feedback",
+    "entry_feedback",
+    "log_lookup",
+    "lookup_record",
+    "MAX_REASON_CHARS",
+]
 
 _LOOKUP_ID = re.compile(r"^[0-9a-f]{32}$")
+_ENTRY_ID = _LOOKUP_ID  # entry ids are 32 hex characters too
+MAX_REASON_CHARS = 1000  # as SetStatusCommand.reason and FeedbackCommand.reason
 _EXACT = 0.9999  # a similarity this high is the same prompt: a wrong report is about the answer itself
 
 
@@ -51,13 +68,14 @@ class FeedbackState(BaseModel):
 
 
 class FeedbackResult(BaseModel):
-    """What :func:`record_feedback` did."""
+    """What :func:`record_feedback` or :func:`record_entry_feedback` did."""
 
-    lookup_id: str
+    lookup_id: str = Field("", description="The rated lookup; empty for a report on the entry itself.")
     entry_id: str
     correct: bool
-    similarity: float
+    similarity: float | None = Field(None, description="Of the rated hit; None for a report on the entry itself.")
     state: FeedbackState
+    status: str = Field("", description="The entry's status after the report.")
     demoted: bool = False
     duplicate: bool = Field(False, description="This lookup was already rated; nothing changed.")
 
@@ -115,21 +133,57 @@ def record_feedback(client: redis.Redis, settings: Settings, lookup_id: str, cor
         if not first:
             state = _read_state(client, settings, entry_id)
             return FeedbackResult(lookup_id=lookup_id, entry_id=entry_id, correct=correct, similarity=similarity,
-                                  state=state or FeedbackState(), duplicate=True)
+                                  state=state or FeedbackState(), status=_read_status(client, settings, entry_id),
+                                  duplicate=True)
         return apply_feedback(client, settings, entry_id, similarity, correct, tenant=record.get("tenant"),
                               by=by, lookup_id=lookup_id)
     except redis.RedisError as exc:
         raise BackendUnavailable(f"Redis failed while recording feedback: {exc}") from exc
 
 
-def apply_feedback(client: redis.Redis, settings: Settings, entry_id: str, similarity: float, correct: bool, *,
-                   tenant: str | None = None, by: str = "", lookup_id: str = "") -> FeedbackResult:
-    """Update one entry's feedback state (and maybe demote it); the part of :func:`record_feedback` after the log.
+def record_entry_feedback(client: redis.Redis, settings: Settings, entry_id: str, correct: bool, *,
+                          tenant: str | None = None, by: str = "", reason: str = "") -> FeedbackResult:
+    """Record that entry ``entry_id``'s answer is right (``correct=True``) or wrong, with no lookup behind it.
 
-    ``semcache eval --feedback-rate`` calls this directly, with the entry and similarity it just saw.
+    The admin UI's "wrong answer" action (through the ``semcache.feedback`` task). The report counts like a rated
+    lookup (towards ``SEMCACHE_FEEDBACK_DEMOTE_AFTER``, in the same per-entry state) but, having no similarity,
+    leaves the entry's similarity floor as it is. ``reason`` (a moderator's words) goes into the audit record and,
+    if the entry is demoted, into its moderation reason. ``tenant`` restricts the report to that tenant's entries.
+
+    Raises :class:`InvalidInput` for a malformed id, a non-bool ``correct`` or a reason longer than
+    :data:`MAX_REASON_CHARS`; :class:`NotFound` when the entry is gone or of another tenant;
+    :class:`BackendUnavailable` when Redis fails.
+    """
+    if not isinstance(entry_id, str) or not _ENTRY_ID.fullmatch(entry_id):
+        raise InvalidInput("must be the 32 hex characters of an entry id", field="entry_id")
+    if not isinstance(correct, bool):
+        raise InvalidInput("must be true or false", field="correct")
+    if not isinstance(reason, str) or len(reason) > MAX_REASON_CHARS:
+        raise InvalidInput(f"must be a text of at most {MAX_REASON_CHARS} characters", field="reason")
+    try:
+        return apply_feedback(client, settings, entry_id, None, correct, tenant=tenant, by=by, reason=reason.strip())
+    except redis.RedisError as exc:
+        raise BackendUnavailable(f"Redis failed while recording feedback: {exc}") from exc
+
+
+def entry_feedback(metadata: Any) -> FeedbackState:
+    """The feedback state kept in an entry's ``metadata`` (an empty state when there is none or it is damaged)."""
+    return _state(metadata.get(FEEDBACK_KEY) if isinstance(metadata, dict) else None)
+
+
+def apply_feedback(client: redis.Redis, settings: Settings, entry_id: str, similarity: float | None, correct: bool,
+                   *, tenant: str | None = None, by: str = "", lookup_id: str = "", reason: str = ""
+                   ) -> FeedbackResult:
+    """Update one entry's feedback state (and maybe demote it): what :func:`record_feedback` and
+    :func:`record_entry_feedback` share.
+
+    ``similarity`` is that of the rated hit; ``None`` for a report on the entry itself, which counts but moves no
+    similarity floor and is never an "exact hit". ``semcache eval --feedback-rate`` calls this directly, with the
+    entry and similarity it just saw.
     """
     from .store import audit, set_status
 
+    field = "lookup_id" if lookup_id else "entry_id"
     key = settings.key_prefix + entry_id
     for _ in range(10):
         try:
@@ -139,28 +193,30 @@ def apply_feedback(client: redis.Redis, settings: Settings, entry_id: str, simil
                                            "$.status")
                 found = _json(raw) if raw else None
                 if not found or not found.get("$.scope.tenant"):
-                    raise NotFound(f"entry {entry_id} no longer exists", field="lookup_id")
+                    raise NotFound(f"entry {entry_id} no longer exists", field=field)
                 owner = found["$.scope.tenant"][0]
                 if tenant is not None and owner != tenant:
-                    raise NotFound(f"entry {entry_id} no longer exists", field="lookup_id")
+                    raise NotFound(f"entry {entry_id} no longer exists", field=field)
                 stored = found.get(f'$.metadata["{FEEDBACK_KEY}"]') or [None]
                 state = _state(stored[0])
                 if correct:
                     state.correct += 1
                 else:
                     state.wrong += 1
-                    state.min_similarity = min(1.0, max(state.min_similarity, similarity + settings.feedback_margin))
+                    if similarity is not None:
+                        state.min_similarity = min(1.0, max(state.min_similarity,
+                                                            similarity + settings.feedback_margin))
                 state.updated_at = time.time()
                 status = (found.get("$.status") or [""])[0]
                 demote = (not correct and status == Status.APPROVED.value and (
-                    similarity >= _EXACT
+                    (similarity is not None and similarity >= _EXACT)
                     or (settings.feedback_demote_after and state.wrong >= settings.feedback_demote_after
                         and state.wrong > state.correct)
                 ))  # fmt: skip
                 pipe.multi()
                 pipe.execute_command("JSON.SET", key, f'$.metadata["{FEEDBACK_KEY}"]', state.model_dump_json())
                 audit(pipe, settings, event="feedback", id=entry_id, status=status, by=by,
-                      reason="correct" if correct else f"wrong at similarity {similarity:.4f}", tenant=owner)
+                      reason=_audit_reason(correct, similarity, reason), tenant=owner)
                 pipe.execute()
             break
         except redis.WatchError:
@@ -168,15 +224,29 @@ def apply_feedback(client: redis.Redis, settings: Settings, entry_id: str, simil
     else:
         raise BackendUnavailable(f"feedback on entry {entry_id} kept conflicting with concurrent changes")
     if demote:
+        why = f"{state.wrong} wrong-answer report(s), {state.correct} correct"
         set_status(client, settings, entry_id, Status.PENDING_REVIEW, by=by or "feedback",
-                   reason=f"{state.wrong} wrong-answer report(s), {state.correct} correct", tenant=owner)
+                   reason=f"{why}; last: {reason}"[:MAX_REASON_CHARS] if reason else why, tenant=owner)
+        status = Status.PENDING_REVIEW.value
     try:
         record_counters(client, settings, {"feedback_correct" if correct else "feedback_wrong": 1,
                                            **({"feedback_demoted": 1} if demote else {})})
     except redis.RedisError:
         pass  # statistics are best effort; the feedback itself is recorded
     return FeedbackResult(lookup_id=lookup_id, entry_id=entry_id, correct=correct, similarity=similarity,
-                          state=state, demoted=bool(demote))
+                          state=state, status=status, demoted=bool(demote))
+
+
+def _audit_reason(correct: bool, similarity: float | None, reason: str) -> str:
+    what = "correct" if correct else "wrong"
+    what += f" at similarity {similarity:.4f}" if similarity is not None else " (report on the entry itself)"
+    return f"{what}: {reason}" if reason else what
+
+
+def _read_status(client: redis.Redis, settings: Settings, entry_id: str) -> str:
+    raw = client.execute_command("JSON.GET", settings.key_prefix + entry_id, "$.status")
+    found = _json(raw) if raw else None
+    return found[0] if found else ""
 
 
 def _read_state(client: redis.Redis, settings: Settings, entry_id: str) -> FeedbackState | None:

@@ -112,11 +112,20 @@ class PurgeCommand(BaseModel):
 
 
 class FeedbackCommand(BaseModel):
-    """Whether the answer a lookup served was right; feeds the per-entry thresholds (:mod:`cache_core.feedback`)."""
+    """Whether the answer a lookup served (``lookup_id``, the API) or an entry holds (``entry_id``, the admin UI's
+    "wrong answer") is right; feeds the per-entry thresholds (:mod:`cache_core.feedback`). Exactly one of the two."""
 
     model_config = ConfigDict(extra="ignore")
 
-    lookup_id: str = Field(..., pattern=r"^[0-9a-f]{32}$")
+    lookup_id: str | None = Field(None, pattern=r"^[0-9a-f]{32}$")
+    entry_id: str | None = Field(None, pattern=r"^[0-9a-f]{32}$")
     correct: bool
     by: str = Field("", max_length=200)
-    tenant: str | None = Field(None, max_length=1024, description="Only lookups of this tenant (API keys set it).")
+    reason: str = Field("", max_length=1000, description="A moderator's words (entry reports); audited.")
+    tenant: str | None = Field(None, max_length=1024, description="Only lookups (or an entry) of this tenant.")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "FeedbackCommand":
+        if (self.lookup_id is None) == (self.entry_id is None):
+            raise ValueError("give either lookup_id or entry_id")
+        return self

@@ -128,6 +128,48 @@ def test_reject_an_entry(page, live_server, worker_client, worker_api_headers):
     expect(page.locator("h1 .badge")).to_have_text("rejected")
 
 
+def test_mark_a_wrong_answer_and_see_it_demoted(page, live_server, worker_seed, worker_web_app, worker_api_headers,
+                                               artifacts_dir):
+    """Two users already reported the answer wrong through the API; the moderator's report is the third: the entry
+    goes to review, the flash says so, and the review queue shows it with its counts (and a long model scope cut
+    to its chip)."""
+    from cache_core.feedback import apply_feedback
+
+    tenant = unique_tenant("shop")
+    model = "gpt-4o-mini#ctx:" + "5e0f" * 26
+    ident = worker_seed("Which currency do you bill in?", "Only in bitcoin.", tenant=tenant, model=model)
+    state = worker_web_app.extensions["semcache"]
+    for n, similarity in enumerate((0.93, 0.95)):  # what POST /api/v1/feedback ends in, for two rated lookups
+        apply_feedback(state.redis, state.settings, ident, similarity, False, by="key:0123456789ab",
+                       lookup_id=f"{n:032x}")
+    browser_login(page)
+    page.goto(f"/entries/{ident}")
+    expect(page.locator("#feedback-wrong")).to_have_text("2")
+    page.fill("#wrong-reason", "<b>We bill in euros</b>, not bitcoin")
+    page.click("#wrong-answer")
+    flash = page.locator(".flash.task")
+    expect(flash.locator(".task-text")).to_have_text("done: marked wrong; 3 wrong reports (0 correct), "
+                                                     "demoted to review")
+    expect(flash).to_have_class("flash task ok")
+    shot(page, artifacts_dir, "entry-wrong-answer")
+    page.reload()
+    expect(page.locator("h1 .badge")).to_have_text("pending review")
+    expect(page.locator("#feedback-wrong")).to_have_text("3")
+    expect(page.locator("#feedback-reports li").first).to_contain_text("ui:admin: wrong (report on the entry itself): "
+                                                                       "<b>We bill in euros</b>, not bitcoin")
+    entry = api(live_server, worker_api_headers(tenant), f"/api/v1/entries/{ident}")
+    assert entry["status"] == "pending_review" and entry["moderation"]["by"] == "ui:admin"
+    page.goto(f"/review/?tenant={tenant}")
+    item = page.locator(f"#item-{ident}")
+    expect(item.locator(".badge.feedback")).to_have_text("3 wrong · 0 correct")
+    chip = item.locator(".badge.scope", has_text="model")
+    expect(chip).to_have_attribute("title", f"model: {model}")
+    box, column = chip.bounding_box(), item.locator(".meta").bounding_box()
+    assert box["x"] + box["width"] <= column["x"] + column["width"] + 0.5  # cut, not overflowing its column
+    assert chip.evaluate("el => el.scrollWidth > el.clientWidth")  # ...with an ellipsis: the text is longer
+    shot(page, artifacts_dir, "review-demoted")
+
+
 def test_purge_by_scope_with_confirmation(page, live_server, worker_seed, worker_api_headers, artifacts_dir):
     tenant = unique_tenant("legacy")
     for i in range(4):

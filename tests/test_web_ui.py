@@ -101,7 +101,7 @@ def test_security_headers(ui_client, path):
 
 @pytest.mark.parametrize("path", ["/review/action", "/review/approve/" + "0" * 32, "/review/" + "0" * 32 + "/edit",
                                   "/purge/preview", "/purge/selection", "/purge/run", "/deadletters/replay",
-                                  "/deadletters/discard"])
+                                  "/deadletters/discard", "/entries/" + "0" * 32 + "/wrong"])
 def test_every_form_needs_the_csrf_token(ui_client, path):
     assert ui_client.post(path, data={"ids": "0" * 32, "action": "approve", "tenant": "x"}).status_code == 400
 

@@ -60,6 +60,8 @@ def describe(status: dict[str, Any]) -> str:
     if state_ == "success":
         result = status.get("result")
         if isinstance(result, dict):
+            if "found" in result and ("demoted" in result or "error" in result) and "changed" not in result:
+                return _feedback_text(result)
             if "deleted" in result:
                 return f"done: {result['deleted']} deleted"
             if "changed" in result:
@@ -76,6 +78,28 @@ def describe(status: dict[str, Any]) -> str:
         p = status["progress"]
         return f"running: {p['done']} of {p['total']}"
     return "running" if state_ == "started" else "queued"
+
+
+def _feedback_text(result: dict[str, Any]) -> str:
+    """What a ``semcache.feedback`` task did: "done: marked wrong; 3 wrong reports (0 correct), demoted to review"."""
+    if not result.get("found"):
+        return "done: nothing recorded (the entry is gone)"
+    counts = result.get("state") or {}
+    wrong, right = int(counts.get("wrong", 0) or 0), int(counts.get("correct", 0) or 0)
+    tally = f"{wrong} wrong report{'' if wrong == 1 else 's'} ({right} correct)"
+    if result.get("duplicate"):
+        return f"done: already rated; {tally}"
+    verb = "marked right" if result.get("correct") else "marked wrong"
+    status = result.get("status", "")
+    if result.get("demoted"):
+        outcome = "demoted to review"
+    elif status == "pending_review":
+        outcome = "already in review"
+    elif status == "rejected":
+        outcome = "rejected, not served"
+    else:
+        outcome = "still served"
+    return f"done: {verb}; {tally}, {outcome}"
 
 
 def recent(limit: int = 10) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from celery import Celery
 from flask import Flask, session
 
 from cache_core.connection import RedisHandle, open_redis
+from cache_core.feedback import entry_feedback
 from cache_core.settings import Settings
 
 from .dispatch import make_celery_client
@@ -56,9 +57,9 @@ def create_app(settings: Settings, *, redis_handle: RedisHandle | None = None, e
     app.json.sort_keys = False
     app.extensions["semcache"] = WebState(settings, redis_handle, celery, embedder=embedder, owns_handle=owns)
 
-    from . import actions, api, auth, deadletters, entries, health, overview, purge, review
+    from . import actions, api, auth, deadletters, entries, feedback, health, overview, purge, review
 
-    for module in (health, api, auth, overview, entries, review, purge, deadletters, actions):
+    for module in (health, api, auth, overview, entries, feedback, review, purge, deadletters, actions):
         app.register_blueprint(module.bp)
     from . import metrics, proxy  # issue 8: /metrics and the OpenAI-compatible proxy (/v1)
 
@@ -75,6 +76,9 @@ def _template_helpers(app: Flask) -> None:
     @app.context_processor
     def _globals() -> dict[str, Any]:
         return {"csrf_token": csrf_token, "current_user": session.get("user")}
+
+    # a global (not a context variable), so the macros of _macros.html see it when imported without context
+    app.jinja_env.globals["feedback_of"] = entry_feedback
 
     @app.template_filter("ts")
     def _ts(value: float | None) -> str:

@@ -1,4 +1,5 @@
-"""The entries table (filters, sorting, pages, counts) and one entry's detail page."""
+"""The entries table (filters, sorting, pages, counts) and one entry's detail page (with its feedback counts; the
+"wrong answer" action itself is :mod:`web.feedback`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from urllib.parse import urlencode
 from flask import Blueprint, abort, flash, render_template, request
 
 from cache_core import browse
+from cache_core.feedback import entry_feedback
+from cache_core.policy import FEEDBACK_KEY
 from cache_core.schema import Status
 
 from .actions import recent
@@ -69,4 +72,7 @@ def detail(entry_id: str):
     found = browse.entry_detail(st.redis, st.settings, entry_id)
     if found is None:
         abort(404)
-    return render_template("entry.html", detail=found, entry=found.entry, actions=recent(5))
+    metadata = {k: v for k, v in found.entry.metadata.items() if k != FEEDBACK_KEY}  # shown as its own card
+    return render_template("entry.html", detail=found, entry=found.entry, actions=recent(5), metadata=metadata,
+                           feedback=entry_feedback(found.entry.metadata),
+                           demote_after=st.settings.feedback_demote_after)

@@ -37,7 +37,7 @@ MAX_BATCH = 1000
 
 _SET_STATUS_FIELDS = frozenset({"entry_id", "status", "by", "reason", "response", "tenant"})
 _PURGE_FIELDS = frozenset({"ids", "filter", "by", "reason", "tenant", "mode"})
-_FEEDBACK_FIELDS = frozenset({"lookup_id", "correct", "by", "tenant"})
+_FEEDBACK_FIELDS = frozenset({"lookup_id", "entry_id", "correct", "by", "reason", "tenant"})
 
 
 def backoff_seconds(retries: int, settings: Settings) -> float:

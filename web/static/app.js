@@ -12,6 +12,17 @@
     });
   });
 
+  // Forms marked data-once are sent once: a double click must not report the same wrong answer twice.
+  document.querySelectorAll("form[data-once]").forEach(function (form) {
+    form.addEventListener("submit", function (event) {
+      if (form.dataset.sent) { event.preventDefault(); return; }
+      form.dataset.sent = "1";
+    });
+  });
+  window.addEventListener("pageshow", function () {  // back to a page from the history: its forms work again
+    document.querySelectorAll("form[data-once]").forEach(function (form) { delete form.dataset.sent; });
+  });
+
   // Task states: every element with data-task-id is updated from /ui/tasks/<id> until the task is done.
   var FINAL = { success: true, failure: true };
 
@@ -39,6 +50,10 @@
       bar.classList.toggle("failed", status.state === "failure");
     }
     el.dataset.state = status.state;
+    // a flash message that follows a task turns green or red with its outcome
+    if (el.classList.contains("flash") && FINAL[status.state]) {
+      el.classList.add(status.state === "success" ? "ok" : "error");
+    }
     // on the review page, an entry whose decision is done is greyed out: it has left the queue
     if (status.state === "success" && el.dataset.entry) {
       var item = document.getElementById("item-" + el.dataset.entry);
