@@ -85,13 +85,14 @@ def bench_cmd(against: str | None, entries: int, lookups: int, threads: int, as_
         table = scaling_table(result, markdown=markdown)
         plot = plot_scaling
     elif memory_options:
-        from benchmarks.memory_options import MemoryOptions, run_memory_options
+        from benchmarks.memory_options import MemoryOptions, quality_table, run_memory_options
         from benchmarks.report import memory_options_table
 
         result = run_memory_options(MemoryOptions(entries=entries, seed=seed, redis_url=redis_url,
                                                   data_dir=settings.data_dir, backend=backend, pairs_dir=pairs_dir),
                                     progress=progress)
-        table = memory_options_table(result, markdown=markdown)
+        # memory at the 0.90 knob, then each option's quality curve for both policies (always markdown)
+        table = memory_options_table(result, markdown=markdown) + "\n\n" + quality_table(result)
         plot = None
     else:
         from benchmarks.compare import BenchOptions, run_comparison
