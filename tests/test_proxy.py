@@ -440,8 +440,8 @@ def test_proxy_results_are_counted_for_metrics(proxy_app, proxy):
     chat(proxy, headers, question, temperature=1.0)
     chat(proxy, headers, "RATE LIMIT again")
     after = counts()
-    assert {k: after[k] - before[k] for k in after} == {"hit": 1, "miss": 2, "bypass": 1, "upstream_error": 1,
-                                                        "not_cacheable": 0}
+    assert {k: after[k] - before[k] for k in after} == {"hit": 1, "miss": 2, "coalesced": 0, "bypass": 1,
+                                                        "upstream_error": 1, "not_cacheable": 0}
 
 
 def test_a_streamed_miss_is_relayed_as_it_comes_and_written_back_once_complete(worker_web_settings, embedder):

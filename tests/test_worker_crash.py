@@ -64,6 +64,52 @@ def _wait_all(results: list, worker, timeout: float = 300) -> None:
     assert not failed, [(r.state, str(r.result)[:200]) for r in failed]
 
 
+def _wait_all_but_lost(results: list, worker, quiet_s: float, timeout: float = 300) -> list:
+    """Wait until every task has a result, or until nothing has finished for ``quiet_s`` while the broker holds
+    nothing for the worker (no message queued or unacknowledged): the tasks still without a result then are lost.
+    Every finished task must have succeeded."""
+    broker = make_client(worker.settings.broker_url, timeout_ms=5000)
+    try:
+        deadline = time.monotonic() + timeout
+        done, last_change = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            ready = sum(1 for r in results if r.ready())
+            if ready == len(results):
+                break
+            if ready != done:
+                done, last_change = ready, time.monotonic()
+            elif time.monotonic() - last_change > quiet_s and not _broker_holds_work(broker):
+                break
+            time.sleep(0.25)
+    finally:
+        broker.close()
+    failed = [r for r in results if r.ready() and r.state != "SUCCESS"]
+    assert not failed, [(r.state, str(r.result)[:200]) for r in failed]
+    return [r for r in results if not r.ready()]
+
+
+def _broker_holds_work(broker) -> bool:
+    """Whether any broker list holds a message or any unacknowledged message waits for redelivery."""
+    for key in broker.scan_iter(count=1000):
+        kind = broker.type(key)
+        kind = kind.decode() if isinstance(kind, bytes) else kind
+        if (kind == "list" and broker.llen(key)) or (kind == "zset" and broker.zcard(key)) \
+                or (kind == "hash" and b"unacked" in (key if isinstance(key, bytes) else key.encode())
+                    and broker.hlen(key)):
+            return True
+    return False
+
+
+def _commands_of(result, results: list, commands: list[dict]) -> list[dict]:
+    """The commands that ``_send`` put in the task of ``result``."""
+    i = results.index(result)
+    singles = len(commands) - 40
+    if i < singles:
+        return [commands[i]]
+    start = singles + (i - singles) * 10
+    return commands[start : start + 10]
+
+
 def _assert_exactly_once(client, settings, tenant: str, commands: list[dict]) -> None:
     keys = entry_keys(client, settings, tenant)
     records = audit_writes(client, settings, tenant)
@@ -111,14 +157,21 @@ def test_redis_restart_under_the_worker_tasks_retry_with_backoff_and_complete(tm
         time.sleep(3)
         restarted = EmbeddedRedis(tmp_path / "redis", port=port, appendonly=True)
         assert restarted.start() == url
-        _wait_all(results, worker)
+        lost = _wait_all_but_lost(results, worker, quiet_s=30)
         client.close()
         client = make_client(url, timeout_ms=5000)
-        _assert_exactly_once(client, worker.settings, tenant, commands)
-        retried = [r.result for r in results if r.result.get("retries")]
-        assert retried, "some task must have met the outage and retried"
+        # kombu's Redis transport pops a message (BRPOP) and then records it as unacknowledged in a second command:
+        # a server that stops between the two loses that one message (docs/guarantees.md). At most the message in
+        # that window may be lost, and a lost command is not written at all (never half, never twice).
+        assert len(lost) <= 1, f"{len(lost)} tasks lost"
+        lost_commands = [c for r in lost for c in _commands_of(r, results, commands)]
+        kept = [c for c in commands if c not in lost_commands]
+        _assert_exactly_once(client, worker.settings, tenant, kept)
+        retried = [r.result for r in results if r.ready() and r.result.get("retries")]
         log = worker.log_text()
-        assert "retry 1 of 10" in log
+        assert retried or lost, "some task must have met the outage (and retried) or been lost in the pop window"
+        if retried:
+            assert "retry 1 of 10" in log
         worker.stop()
     finally:
         client.close()
