@@ -258,10 +258,11 @@ def index_info(client: redis.Redis, settings: Settings) -> dict[str, Any]:
     }
 
 
-def drop_index(client: redis.Redis, settings: Settings, *, delete_documents: bool = False) -> None:
+def drop_index(client: redis.Redis, settings: Settings, *, delete_documents: bool = False) -> bool:
+    """Drop the index behind the alias (with its documents when ``delete_documents``); False when there was none."""
     name = _physical_name(client, settings)
     if name is None:
-        return
+        return False
     args = ["FT.DROPINDEX", name] + (["DD"] if delete_documents else [])
     client.execute_command(*args)
     try:
@@ -269,6 +270,7 @@ def drop_index(client: redis.Redis, settings: Settings, *, delete_documents: boo
     except redis.ResponseError:
         pass
     client.delete(_meta_key(settings))
+    return True
 
 
 def migrate(

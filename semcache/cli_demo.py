@@ -195,6 +195,8 @@ class _Demo:
             click.echo(f"  data dir {data_dir}, index {self.settings.index!r}, redis {redis_line}")
             click.echo("  starting redis, the worker and the web app (logs in "
                        f"{self.up.logs_dir})...")
+            if not opts["keep"]:
+                self._fresh_index_on_start()
             self.up.supervisor.start()
             self.wait(lambda: self._get("/readyz")[0] == 200, timeout_s=opts["start_timeout"],
                       what="the web app to be ready (/readyz)")
@@ -233,6 +235,29 @@ class _Demo:
             lock.close()
         if self.received:
             click.echo(f"stopped ({self.received[0]}): every process of the demo has exited", err=True)
+
+    def _fresh_index_on_start(self) -> None:
+        """Drop the demo index as soon as Redis is up, before the worker and the web app (which build it anew)."""
+        from .supervisor import EmbeddedRedisService
+
+        def drop() -> None:
+            if drop_demo_index(self.up.redis_url, self.settings):
+                click.echo("  dropped the demo index of the last run (the worker and web app build it anew)")
+
+        redis_child = next((c for c in self.up.supervisor.children if isinstance(c.service, EmbeddedRedisService)),
+                           None)
+        if redis_child is None:  # an external Redis (SEMCACHE_REDIS_URL): it is already up
+            drop()
+            return
+        service, start = redis_child.service, redis_child.service.start
+
+        def start_then_drop() -> None:
+            start()
+            if not getattr(service, "_demo_index_dropped", False):  # once: not again on a supervised restart
+                service._demo_index_dropped = True
+                drop()
+
+        service.start = start_then_drop
 
     def warm_up(self, key: str) -> None:
         """Make every web worker load its embedding model before the replay (the first lookup of a worker waits
@@ -307,7 +332,8 @@ class _Demo:
 
     def drain(self, records: list) -> dict[str, Any]:
         """Wait until every miss was handed to the worker and the broker's queue is empty; the server's numbers."""
-        expected = self.handled_before + sum(r.cache == "miss" for r in records)
+        # a coalesced miss relayed another request's answer: that one request is written back, not both
+        expected = self.handled_before + sum(r.cache == "miss" and not r.coalesced for r in records)
 
         def drained() -> dict | None:
             data = self.metrics()
@@ -372,6 +398,20 @@ class _Demo:
         while not self.stop.is_set():
             self._poll()
             self.stop.wait(0.2)
+
+
+def drop_demo_index(url: str, settings: Settings) -> bool:
+    """Drop the demo's search index and its documents before the worker and the web app start, so that they build
+    it afresh with this version's settings (an index left by an older version, e.g. FLOAT32 where FLOAT16 is now the
+    default, would otherwise be refused). Only for the demo's own, disposable index. Returns whether one existed."""
+    from cache_core.connection import make_client
+    from cache_core.index import drop_index
+
+    client = make_client(url, timeout_ms=5000)
+    try:
+        return drop_index(client, settings, delete_documents=True)
+    finally:
+        client.close()
 
 
 def reset_demo_data(client: Any, settings: Settings) -> int:

@@ -246,6 +246,7 @@ class Record:
     status: int = 0
     strategy: str = ""
     degraded: bool = False  # a miss because Redis failed or was too slow (X-Semcache-Degraded)
+    coalesced: bool = False  # a miss that relayed an identical request's upstream answer (X-Semcache-Coalesced)
     served_intent: str | None = None
     saved_prompt_tokens: int = 0
     saved_completion_tokens: int = 0
@@ -319,6 +320,7 @@ def replay(base_url: str, api_key: str, workload: Sequence[DemoQuery], *, client
                     else:
                         record.cache = headers.get("x-semcache", "miss")
                         record.degraded = bool(headers.get("x-semcache-degraded"))
+                        record.coalesced = headers.get("x-semcache-coalesced") == "1"
                         if record.cache == "hit":
                             record.strategy = headers.get("x-semcache-strategy", "")
                             record.served_intent = answers.intent_of(text)
@@ -367,6 +369,7 @@ def summarize(records: Sequence[Record], *, elapsed_s: float, price_in: float, p
         "hits_exact": sum(r.strategy == "exact" for r in hits),
         "hits_semantic": sum(r.strategy == "semantic" for r in hits),
         "misses": len(misses),
+        "coalesced": sum(1 for r in misses if r.coalesced),
         "bypassed": len(bypass),
         "errors": len(errors),
         "degraded": sum(r.degraded for r in misses),
@@ -404,6 +407,8 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"{s['hits_semantic']:,} semantic)"),
         ("wrong hits", f"{s['wrong_hits']:,}  ({s['wrong_hit_rate']:.1%} of hits: answer of another intent)"),
         ("misses / bypassed / errors", f"{s['misses']:,} / {s['bypassed']:,} / {s['errors']:,}"
+                                       + (f"  ({s['coalesced']:,} misses shared an identical request's upstream "
+                                          f"call)" if s.get("coalesced") else "")
                                        + (f"  ({s['degraded']:,} misses because Redis was slower than "
                                           f"SEMCACHE_REDIS_TIMEOUT_MS)" if s.get("degraded") else "")),
         ("latency of hits", f"p50 {_ms(lat['hit_p50'])}, p95 {_ms(lat['hit_p95'])}"),

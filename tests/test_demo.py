@@ -101,3 +101,36 @@ def test_demo_replays_through_the_proxy_reports_and_leaves_nothing_running(tmp_p
         client.close()
     finally:
         server.stop()
+
+
+def test_a_demo_index_left_by_another_configuration_is_dropped_before_the_services_start(redis_url, embedder):
+    """An older version's demo index (FLOAT32 where FLOAT16 is now the default) would make the worker and the web
+    app refuse to start; the demo drops its own disposable index, with its documents, and nothing else."""
+    import uuid
+
+    from cache_core.errors import IndexMismatch
+    from cache_core.index import IndexSpec, ensure_index
+    from cache_core.schema import Scope, WriteCommand
+    from cache_core.store import write_command
+    from cache_core.testing import test_settings
+    from semcache.cli_demo import drop_demo_index
+
+    name = f"demo{uuid.uuid4().hex[:8]}"
+    old = test_settings(redis_url, index=name, vector_type="FLOAT32")
+    new = old.model_copy(update={"vector_type": "FLOAT16"})
+    other = test_settings(redis_url, index=f"other{uuid.uuid4().hex[:8]}")
+    client = make_client(redis_url, timeout_ms=5000)
+    try:
+        for s in (old, other):
+            ensure_index(client, IndexSpec(settings=s, dim=embedder.dim, model_name=embedder.name))
+            write_command(client, s, embedder, WriteCommand(prompt="how do I reset my pin", response="Like this.",
+                                                            scope=Scope(tenant="t")))
+        with pytest.raises(IndexMismatch):
+            ensure_index(client, IndexSpec(settings=new, dim=embedder.dim, model_name=embedder.name))
+        assert drop_demo_index(redis_url, new) is True
+        assert list(client.scan_iter(match=f"{new.key_prefix}*")) == []  # its documents went with it
+        ensure_index(client, IndexSpec(settings=new, dim=embedder.dim, model_name=embedder.name))  # builds anew
+        assert drop_demo_index(redis_url, new) is True and drop_demo_index(redis_url, new) is False
+        assert list(client.scan_iter(match=f"{other.key_prefix}*"))  # another index's entries are untouched
+    finally:
+        client.close()
