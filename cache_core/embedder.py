@@ -25,6 +25,7 @@ and the prompt-length limit (``SEMCACHE_MAX_PROMPT_CHARS``) still see the whole 
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import fcntl
 import hashlib
@@ -146,7 +147,7 @@ class _Request:
     error: BaseException | None = None
 
 
-class CachedEmbedder:
+class CachedEmbedder(abc.ABC):
     """The LRU and the micro-batching around a model; subclasses implement :meth:`_encode`.
 
     ``counters`` tells what happened: ``model_calls`` (forward passes), ``model_texts`` (texts the model saw),
@@ -165,9 +166,9 @@ class CachedEmbedder:
         self._running = False
         self.counters = {"model_calls": 0, "model_texts": 0, "cache_hits": 0}
 
+    @abc.abstractmethod
     def _encode(self, texts: list[str]) -> np.ndarray:
         """Raw vectors of ``texts`` (any length; the subclass batches internally)."""
-        raise NotImplementedError
 
     def set_num_threads(self, threads: int) -> None:
         """Threads one forward pass may use (a worker with several pool processes gives each its share)."""

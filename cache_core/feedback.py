@@ -36,7 +36,7 @@ from pydantic import BaseModel, Field
 from .connection import text
 from .errors import BackendUnavailable, InvalidInput, NotFound
 from .policy import FEEDBACK_KEY
-from .schema import Scope, Status
+from .schema import ID_PATTERN, Scope, Status
 from .settings import Settings
 from .stats import record_counters
 
@@ -52,8 +52,7 @@ __all__ = [
     "MAX_REASON_CHARS",
 ]
 
-_LOOKUP_ID = re.compile(r"^[0-9a-f]{32}$")
-_ENTRY_ID = _LOOKUP_ID  # entry ids are 32 hex characters too
+_ID = re.compile(ID_PATTERN)  # lookup ids and entry ids alike
 MAX_REASON_CHARS = 1000  # as SetStatusCommand.reason and FeedbackCommand.reason
 _EXACT = 0.9999  # a similarity this high is the same prompt: a wrong report is about the answer itself
 
@@ -103,7 +102,7 @@ def log_lookup(pipe: Any, settings: Settings, lookup_id: str, entry_id: str, sim
 def lookup_record(client: redis.Redis, settings: Settings, lookup_id: str, *, tenant: str | None = None
                   ) -> dict[str, str] | None:
     """The logged hit of ``lookup_id`` (None when unknown, expired, or of another tenant than ``tenant``)."""
-    if not isinstance(lookup_id, str) or not _LOOKUP_ID.fullmatch(lookup_id):
+    if not isinstance(lookup_id, str) or not _ID.fullmatch(lookup_id):
         raise InvalidInput("must be the 32 hex characters of a lookup's lookup_id", field="lookup_id")
     raw = client.hgetall(lookup_key(settings, lookup_id))
     record = {text(k): text(v) for k, v in (raw or {}).items()}
@@ -154,7 +153,7 @@ def record_entry_feedback(client: redis.Redis, settings: Settings, entry_id: str
     :data:`MAX_REASON_CHARS`; :class:`NotFound` when the entry is gone or of another tenant;
     :class:`BackendUnavailable` when Redis fails.
     """
-    if not isinstance(entry_id, str) or not _ENTRY_ID.fullmatch(entry_id):
+    if not isinstance(entry_id, str) or not _ID.fullmatch(entry_id):
         raise InvalidInput("must be the 32 hex characters of an entry id", field="entry_id")
     if not isinstance(correct, bool):
         raise InvalidInput("must be true or false", field="correct")

@@ -20,6 +20,7 @@ from .connection import text
 from .errors import BackendUnavailable, ConfigError, IndexMismatch
 from .schema import SCHEMA_VERSION, Fields, quantize_embedding
 from .settings import Settings
+from .store import embedding_set_args
 
 __all__ = ["IndexSpec", "ensure_index", "index_info", "migrate", "alias_name", "drop_index", "check_json_fpha"]
 
@@ -308,9 +309,7 @@ def migrate(
                 # stored as SEMCACHE_EMBEDDING_STORAGE says, like every other writer (a migration converts old
                 # float documents to the configured storage)
                 stored = quantize_embedding(vector, settings.embedding_storage)
-                fpha = [] if settings.json_fpha == "off" else ["FPHA", settings.json_fpha]
-                pipe.execute_command("JSON.SET", key, f"$.{Fields.EMBEDDING}",
-                                     json.dumps([float(x) for x in stored] if fpha else stored), "XX", *fpha)
+                pipe.execute_command(*embedding_set_args(key, stored, settings, "XX"))
             pipe.execute()
             rewritten += len(live)
             if progress:

@@ -42,6 +42,7 @@ __all__ = [
     "tag_token",
     "untag_token",
     "FLAG_PATTERN",
+    "ID_PATTERN",
     "EMBEDDING_STORAGES",
     "quantize_embedding",
     "embedding_vector",
@@ -49,6 +50,7 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 FLAG_PATTERN = r"^[a-z0-9][a-z0-9_.:-]{0,63}$"
+ID_PATTERN = r"^[0-9a-f]{32}$"  # entry ids, lookup ids, task ids: 32 lower-case hex characters
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # scope values are identifiers: no control characters at all
 
 

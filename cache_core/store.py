@@ -25,6 +25,7 @@ from .schema import (
     SCHEMA_VERSION,
     CacheEntry,
     EntryView,
+    Fields,
     FlagReason,
     Moderation,
     Provenance,
@@ -41,6 +42,7 @@ from .settings import Settings
 __all__ = [
     "build_entry",
     "document_set_args",
+    "embedding_set_args",
     "write_entry",
     "write_entries",
     "set_status",
@@ -132,9 +134,18 @@ def document_set_args(key: str, entry: CacheEntry, settings: Settings) -> list[l
     doc = entry.document()
     if settings.json_fpha == "off":
         return [["JSON.SET", key, "$", json.dumps(doc, ensure_ascii=False)]]
-    vector = [float(x) for x in doc.pop("embedding")]  # floats: FPHA is about floating-point arrays
-    return [["JSON.SET", key, "$", json.dumps(doc, ensure_ascii=False)],
-            ["JSON.SET", key, "$.embedding", json.dumps(vector), "FPHA", settings.json_fpha]]
+    embedding = embedding_set_args(key, doc.pop("embedding"), settings)
+    return [["JSON.SET", key, "$", json.dumps(doc, ensure_ascii=False)], embedding]
+
+
+def embedding_set_args(key: str, stored: Sequence[float], settings: Settings, *options: str) -> list[str]:
+    """``JSON.SET key $.embedding ...`` for an embedding as :func:`quantize_embedding` stored it; with
+    ``SEMCACHE_JSON_FPHA``, as floats with ``FPHA <type>`` (FPHA packs floating-point arrays). ``options`` (say
+    ``XX``) go before FPHA."""
+    if settings.json_fpha == "off":
+        return ["JSON.SET", key, f"$.{Fields.EMBEDDING}", json.dumps(list(stored)), *options]
+    return ["JSON.SET", key, f"$.{Fields.EMBEDDING}", json.dumps([float(x) for x in stored]), *options,
+            "FPHA", settings.json_fpha]
 
 
 def audit(pipe: Any, settings: Settings, **fields: Any) -> None:

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .schema import FLAG_PATTERN, Status
+from .schema import FLAG_PATTERN, ID_PATTERN, Status
 
 __all__ = [
     "WRITE_ENTRY",
@@ -37,7 +37,7 @@ class SetStatusCommand(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    entry_id: str = Field(..., pattern=r"^[0-9a-f]{32}$")
+    entry_id: str = Field(..., pattern=ID_PATTERN)
     status: Status
     by: str = Field("", max_length=200)
     reason: str = Field("", max_length=1000)
@@ -96,7 +96,7 @@ class PurgeCommand(BaseModel):
     @classmethod
     def _ids(cls, value: list[str]) -> list[str]:
         for i in value:
-            if not re.fullmatch(r"[0-9a-f]{32}", i):
+            if not re.fullmatch(ID_PATTERN, i):
                 raise ValueError("ids must be 32 hex characters")
         return value
 
@@ -117,8 +117,8 @@ class FeedbackCommand(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    lookup_id: str | None = Field(None, pattern=r"^[0-9a-f]{32}$")
-    entry_id: str | None = Field(None, pattern=r"^[0-9a-f]{32}$")
+    lookup_id: str | None = Field(None, pattern=ID_PATTERN)
+    entry_id: str | None = Field(None, pattern=ID_PATTERN)
     correct: bool
     by: str = Field("", max_length=200)
     reason: str = Field("", max_length=1000, description="A moderator's words (entry reports); audited.")

@@ -22,7 +22,7 @@ from cache_core import browse
 from cache_core.apikeys import ApiKey, verify_key
 from cache_core.connection import make_client
 from cache_core.errors import BackendUnavailable
-from cache_core.schema import WriteCommand, entry_id
+from cache_core.schema import ID_PATTERN, WriteCommand, entry_id
 from cache_core.stats import read_stats
 from cache_core.store import get_entry
 from cache_core.feedback import lookup_record
@@ -57,7 +57,7 @@ __all__ = ["bp"]
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
-_ID = re.compile(r"^[0-9a-f]{32}$")
+_ID = re.compile(ID_PATTERN)
 _PUBLIC = {"api.openapi"}
 
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cache_core.apikeys import ApiKey
-from cache_core.schema import FLAG_PATTERN, Scope, Status
+from cache_core.schema import FLAG_PATTERN, ID_PATTERN, Scope, Status
 from cache_core.settings import Settings
 from cache_core.tasks import EntryFilter
 
@@ -52,7 +52,7 @@ class FeedbackRequest(BaseModel):
 
     model_config = _STRICT
 
-    lookup_id: str = Field(..., pattern=r"^[0-9a-f]{32}$", description="The lookup_id a lookup returned.")
+    lookup_id: str = Field(..., pattern=ID_PATTERN, description="The lookup_id a lookup returned.")
     correct: bool = Field(..., description="false: the cached answer was wrong for this prompt.")
 
 

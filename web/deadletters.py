@@ -19,6 +19,7 @@ from cache_core.deadletters import (
     remove_dead_letter,
     replay_dead_letters,
 )
+from cache_core.schema import ID_PATTERN
 
 from .actions import recent, send
 from .auth import guard
@@ -31,7 +32,7 @@ __all__ = ["bp", "list_json", "replay"]
 bp = Blueprint("deadletters", __name__, url_prefix="/deadletters")
 guard(bp)
 
-_ID = re.compile(r"^[0-9a-f]{32}$")
+_ID = re.compile(ID_PATTERN)
 PER_PAGE = 50
 
 

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from flask import Blueprint, abort, flash, redirect, request, url_for
 
 from cache_core.feedback import MAX_REASON_CHARS
+from cache_core.schema import ID_PATTERN
 from cache_core.store import get_entry
 from cache_core.tasks import FEEDBACK, FeedbackCommand
 
@@ -31,7 +32,7 @@ __all__ = ["bp", "flash_task"]
 bp = Blueprint("feedback", __name__, url_prefix="/entries")
 guard(bp)
 
-_ID = re.compile(r"^[0-9a-f]{32}$")
+_ID = re.compile(ID_PATTERN)
 TASK_FLASH = "task:"  # a flash category naming a task: base.html renders it as a message that follows the task
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from cache_core.schema import EntryView
+from cache_core.schema import ID_PATTERN, EntryView
 from cache_core.settings import Settings
 
 from .apimodels import EntryRequest, FeedbackRequest, LookupRequest, PurgeRequest, StatusRequest
@@ -83,7 +83,7 @@ def _body(ref: str) -> dict[str, Any]:
 _COMMON = {"401": _error("Missing, invalid or revoked API key."), "429": _error("Rate limit of the key exceeded."),
            "503": _error("Redis or the task queue is unavailable.")}
 _ENTRY_ID = {"name": "entry_id", "in": "path", "required": True,
-             "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}
+             "schema": {"type": "string", "pattern": ID_PATTERN}}
 
 
 def _op(summary: str, responses: dict[str, Any], *, body: str | None = None, params: list[dict] | None = None,

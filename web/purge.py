@@ -8,6 +8,7 @@ import re
 from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 
 from cache_core import browse
+from cache_core.schema import ID_PATTERN
 from cache_core.store import get_entry
 from cache_core.tasks import PURGE, PurgeCommand
 
@@ -22,7 +23,7 @@ __all__ = ["bp"]
 bp = Blueprint("purge", __name__, url_prefix="/purge")
 guard(bp)
 
-_ID = re.compile(r"^[0-9a-f]{32}$")
+_ID = re.compile(ID_PATTERN)
 MAX_SELECTION = 10_000
 SAMPLE = 10
 

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from flask import Blueprint, flash, redirect, render_template, request, url_for
 
 from cache_core import browse
-from cache_core.schema import Status
+from cache_core.schema import ID_PATTERN, Status
 from cache_core.store import get_entry
 from cache_core.tasks import SET_STATUS, EntryFilter, SetStatusCommand
 
@@ -25,7 +25,7 @@ __all__ = ["bp"]
 bp = Blueprint("review", __name__, url_prefix="/review")
 guard(bp)
 
-_ID = re.compile(r"^[0-9a-f]{32}$")
+_ID = re.compile(ID_PATTERN)
 PER_PAGE = 25
 MAX_BULK = 500
 
