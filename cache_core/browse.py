@@ -244,7 +244,7 @@ def tenant_summary(client: redis.Redis, settings: Settings, *, limit: int = 1000
 
 def neighbours(client: redis.Redis, settings: Settings, doc: dict[str, Any], *, k: int = 5) -> list[Neighbour]:
     """The ``k`` nearest other entries of ``doc``'s scope (any status), by a KNN with its own embedding."""
-    from .query import knn_query, search_args
+    from .query import knn_query, parse_knn, search_args
     from .schema import Scope, embedding_vector
 
     embedding = doc.get("embedding")
@@ -259,16 +259,18 @@ def neighbours(client: redis.Redis, settings: Settings, doc: dict[str, Any], *, 
                                 now=time.time())
     query, params = knn_query(filt, params, vector, k=k + 1, ef_runtime=max(settings.hnsw_ef_runtime, 2 * k + 2),
                               vector_type=settings.vector_type)
-    try:
-        _, rows = _rows(_search(client, search_args(alias_name(settings), query, params, k + 1)))
+    try:  # the read path's own KNN (its RETURN is one JSONPath union: parse_knn decodes it)
+        candidates = parse_knn(_search(client, search_args(alias_name(settings), query, params, k + 1)))
     except _NoIndex:
         return []
     out = []
-    for _, attrs in rows:
-        view = _view(attrs)
-        if view is None or view.id == doc.get("id") or attrs.get("dist") is None:
+    for cand in candidates:
+        try:
+            view = EntryView.model_validate(cand.fields)
+        except ValidationError:
             continue
-        out.append(Neighbour(entry=view, similarity=1.0 - float(attrs["dist"])))
+        if view.id != doc.get("id"):
+            out.append(Neighbour(entry=view, similarity=cand.similarity))
     return out[:k]
 
 
