@@ -62,7 +62,8 @@ class SemcacheSystem:
 
     def describe(self) -> dict[str, Any]:
         s = self.settings
-        return {"index": self.index_name, "embedding_backend": s.embedding_backend, "policy": s.policy,
+        return {"index": self.index_name, "embedding_backend": s.embedding_backend,
+                "embedding_precision": s.embedding_precision, "policy": s.policy,
                 "vector_type": s.vector_type, "hnsw_m": s.hnsw_m, "hnsw_ef_runtime": s.hnsw_ef_runtime,
                 "embedding_cache_size": s.embedding_cache_size, "min_similarity": THRESHOLD}
 

@@ -68,6 +68,7 @@ class WorkerStore:
         env.update({
             "SEMCACHE_REDIS_URL": self.redis_url, "SEMCACHE_BROKER_URL": s.broker_url, "SEMCACHE_INDEX": s.index,
             "SEMCACHE_DATA_DIR": str(s.data_dir), "SEMCACHE_EMBEDDING_BACKEND": s.embedding_backend,
+            "SEMCACHE_EMBEDDING_PRECISION": s.embedding_precision,  # the worker must embed like the read path
             "SEMCACHE_VECTOR_TYPE": s.vector_type, "SEMCACHE_HNSW_M": str(s.hnsw_m),
             "SEMCACHE_HNSW_EF_CONSTRUCTION": str(s.hnsw_ef_construction),
             "SEMCACHE_HNSW_EF_RUNTIME": str(s.hnsw_ef_runtime), "SEMCACHE_MODEL": s.model,

@@ -136,7 +136,8 @@ class SemanticCache:
         handle = open_redis(settings)
         try:
             embedder = embedder or load_embedder(settings.model, backend=settings.embedding_backend,
-                                                 cache_size=settings.embedding_cache_size, data_dir=settings.data_dir)
+                                                 cache_size=settings.embedding_cache_size, data_dir=settings.data_dir,
+                                                 precision=settings.embedding_precision)
             ensure_index(handle.writer(), IndexSpec(settings=settings, dim=embedder.dim, model_name=embedder.name))
             recorder = StatsRecorder(handle.writer(), settings) if stats else None
             cache = cls(settings, handle.reader(), embedder, write_queue=write_queue, stats=recorder, ensure=False,

@@ -68,7 +68,8 @@ def fit(settings: Settings, data: str | Path, target_wrong_rate: float, *, proto
     if embedder is None:
         from .embedder import load_embedder
 
-        embedder = load_embedder(settings.model, backend=settings.embedding_backend, cache_size=0)
+        embedder = load_embedder(settings.model, backend=settings.embedding_backend, cache_size=0,
+                                 precision=settings.embedding_precision)
     common = dict(protocol=kind, seed=seed, limit=limit, splits=splits, baseline_knobs=None, workers=workers,
                   progress=progress, embedder=embedder, oos_label=oos_label)
     if kind == "pairs":

@@ -738,7 +738,8 @@ def evaluate(settings: Settings, data: str | Path, *, protocol: Protocol | None 
         if not (-1.0 <= knob <= 1.0) or math.isnan(knob):
             raise InvalidInput(f"knob {knob} is not a cosine similarity in [-1, 1]", field="knobs")
     dataset = read_dataset(data, protocol, splits=splits, max_chars=settings.max_prompt_chars)
-    embedder = embedder or load_embedder(settings.model, backend=settings.embedding_backend, cache_size=0)
+    embedder = embedder or load_embedder(settings.model, backend=settings.embedding_backend, cache_size=0,
+                                          precision=settings.embedding_precision)
     needed = _needed_texts(dataset, seed, limit) + (dataset.texts() if latency else [])
     vectors = embed_rows(embedder, needed,
                          cache_dir=(settings.data_dir / "eval-cache") if cache_vectors else None, progress=progress)

@@ -224,14 +224,19 @@ def verify_index(client: redis.Redis, spec: IndexSpec, name: str | None = None) 
         raise IndexMismatch(f"index {alias_name(settings)} does not exist", hint="run `semcache index create`")
     problems = differences(spec, client.execute_command("FT.INFO", name))
     meta = {text(k): text(v) for k, v in client.hgetall(_meta_key(settings)).items()}
-    if meta.get("model") and meta["model"] != spec.model_name:
+    # The model name carries the embedding precision (``all-MiniLM-L6-v2+int8``): int8 and fp32 vectors of one
+    # model are other vectors, and mixing them in one index would blur every similarity.
+    model_changed = bool(meta.get("model")) and meta["model"] != spec.model_name
+    if model_changed:
         problems.append(f"entries were embedded with model {meta['model']!r}, this process uses {spec.model_name!r}")
     if meta.get("schema_version") and meta["schema_version"] != str(SCHEMA_VERSION):
         problems.append(f"documents have schema version {meta['schema_version']}, this code expects {SCHEMA_VERSION}")
     if problems:
         raise IndexMismatch(
             f"index {name} (alias {alias_name(settings)}) does not match this configuration: " + "; ".join(problems),
-            hint="run `semcache index migrate` to build a matching index beside it and swap the alias "
+            hint="run `semcache index migrate --reembed` to re-embed every entry with this model into a new index "
+            "and swap the alias (or go back to the settings the index was built with)" if model_changed else
+            "run `semcache index migrate` to build a matching index beside it and swap the alias "
             "(add --reembed when the model changed)",
         )
 

@@ -88,7 +88,8 @@ def index_group() -> None:
 def _spec(settings: Settings, model: str | None = None) -> tuple[IndexSpec, object]:
     from cache_core.embedder import load_embedder
 
-    embedder = load_embedder(model if model is not None else settings.model, backend=settings.embedding_backend)
+    embedder = load_embedder(model if model is not None else settings.model, backend=settings.embedding_backend,
+                             precision=settings.embedding_precision)
     return IndexSpec(settings=settings, dim=embedder.dim, model_name=embedder.name), embedder
 
 

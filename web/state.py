@@ -49,7 +49,8 @@ class WebState:
 
                     s = self.settings
                     embedder = self._embedder or load_embedder(s.model, backend=s.embedding_backend,
-                                                               cache_size=s.embedding_cache_size)
+                                                               cache_size=s.embedding_cache_size,
+                                                               precision=s.embedding_precision)
                     ensure_index(self.redis, IndexSpec(settings=s, dim=embedder.dim, model_name=embedder.name))
                     self._embedder = embedder
                     self._cache = SemanticCache(s, self.handle.reader(), embedder, ensure=False, strict=True,

@@ -93,7 +93,7 @@ class WorkerRuntime:
 def load_embedder_for(settings: Settings) -> Embedder:
     """The embedder the settings name (model, backend, cache size; the onnx export lives in the data dir)."""
     return load_embedder(settings.model, backend=settings.embedding_backend, cache_size=settings.embedding_cache_size,
-                         data_dir=settings.data_dir)
+                         data_dir=settings.data_dir, precision=settings.embedding_precision)
 
 
 def _set_threads(embedder: Embedder, threads: int) -> None:
