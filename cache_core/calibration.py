@@ -5,7 +5,8 @@ The record is a JSON object in the Redis hash ``<index>:calibration``, under the
 ``"t:" + tag_token(tenant)`` (one tenant; it overrides ``"*"`` key by key). The read path fetches both fields in
 the same pipelined round trip as its exact-match check, so a new calibration takes effect on the next lookup, with
 no restart and no extra round trip. Keys it understands: ``policy``, ``min_similarity``, ``k`` and the consensus
-knobs ``consensus_floor``, ``consensus_support``, ``consensus_conflict``; the ``fitted`` block records how the
+knobs ``consensus_floor``, ``consensus_support``, ``consensus_conflict``, ``consensus_min_agree``,
+``consensus_compete_range``; the ``fitted`` block records how the
 values were obtained.
 
 Fitting runs the evaluation (:mod:`cache_core.evaluation`) on the labeled CSV through the real stack, with the
@@ -94,7 +95,9 @@ def fit(settings: Settings, data: str | Path, target_wrong_rate: float, *, proto
     record: dict[str, Any] = {"policy": settings.policy, "min_similarity": point.knob, "k": settings.knn_k}
     if settings.policy == "consensus":
         record.update(consensus_floor=settings.consensus_floor, consensus_support=settings.consensus_support,
-                      consensus_conflict=settings.consensus_conflict)
+                      consensus_conflict=settings.consensus_conflict,
+                      consensus_min_agree=settings.consensus_min_agree,
+                      consensus_compete_range=settings.consensus_compete_range)
     record["fitted"] = {
         "target_wrong_rate": target_wrong_rate, "met": met, "hit_rate": point.hit_rate,
         "wrong_rate": point.wrong_rate, "hits": point.hits, "queries": point.queries, "protocol": kind,

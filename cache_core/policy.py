@@ -8,9 +8,9 @@ Two policies:
 - :class:`ThresholdPolicy`, the peers' rule (RedisVL, LangCache, GPTCache): serve the nearest entry when its
   similarity reaches one global number. Kept as the baseline ``semcache eval`` measures against.
 - :class:`ConsensusPolicy`, the default: the k neighbours vote with their answer ``group`` (entries whose responses
-  are the same text share a group). Agreeing neighbours widen the radius around the nearest entry of a group,
-  a competing group narrows it. On CLINC150 it serves about twice as many hits at 1% wrong hits as the baseline
-  (docs/quality.md).
+  are the same text share a group). Enough agreeing neighbours widen the radius around the nearest entry of a
+  group, a competing group about as near narrows it. On CLINC150 it serves about twice as many hits at 1% wrong
+  hits as the baseline; where neighbours rarely share answers it stays at or above the baseline (docs/quality.md).
 
 Both honour a per-entry floor learned from feedback (:mod:`cache_core.feedback`): an entry someone reported as a
 wrong answer at similarity ``s`` is never served again below ``s`` (plus a margin).
@@ -18,12 +18,14 @@ wrong answer at similarity ``s`` is never served again below ``s`` (plus a margi
 >>> from cache_core.query import Candidate
 >>> def cand(i, s, g):
 ...     return Candidate(key=f"k{i}", fields={"id": str(i), "group": g}, similarity=s)
->>> agree = [cand(1, 0.84, "a"), cand(2, 0.83, "a"), cand(3, 0.80, "a")]
+>>> agree = [cand(i, 0.84 - i / 100, "a") for i in range(6)]  # the nearest entry and five more with its answer
 >>> ThresholdPolicy().choose(agree, 0.90, {}) is None
 True
 >>> ConsensusPolicy().choose(agree, 0.90, {}).key
-'k1'
->>> split = [cand(1, 0.84, "a"), cand(2, 0.83, "b"), cand(3, 0.82, "b")]
+'k0'
+>>> ConsensusPolicy().choose(agree[:3], 0.90, {}) is None  # two agreeing neighbours: too few to widen
+True
+>>> split = [cand(1, 0.92, "a"), cand(2, 0.91, "b"), cand(3, 0.90, "b")]
 >>> ConsensusPolicy().choose(split, 0.90, {}) is None
 True
 """
@@ -99,16 +101,23 @@ class ConsensusParams:
 
     ``floor``: neighbours less similar than this are no evidence at all. A neighbour's weight rises linearly from 0
     at ``floor`` to 1 at similarity 1. ``support``: how much the agreeing weight widens the radius. ``conflict``:
-    how much a competing group's weight narrows it.
+    how much a competing group's weight narrows it. ``min_agree``: the radius widens only when at least this many
+    other members of the served entry's group are among the k (fewer is no evidence: it is how answer groups of
+    two or three look when they are not the same question). ``compete_range``: a competing neighbour counts fully
+    when it is as similar as the served entry, and not at all when it is ``compete_range`` less similar (0: every
+    competing neighbour counts by its weight alone, the rule before this knob).
     """
 
     floor: float = 0.3
     support: float = 1.0
     conflict: float = 1.0
+    min_agree: int = 5
+    compete_range: float = 0.2
 
     def merged(self, params: Mapping[str, Any]) -> "ConsensusParams":
         """These defaults overridden by a scope's calibrated values (``consensus_floor`` ...); junk is ignored."""
-        values = {"floor": self.floor, "support": self.support, "conflict": self.conflict}
+        values = {"floor": self.floor, "support": self.support, "conflict": self.conflict,
+                  "min_agree": float(self.min_agree), "compete_range": self.compete_range}
         for name in values:
             raw = params.get(f"consensus_{name}")
             if isinstance(raw, (int, float)) and not isinstance(raw, bool) and -1.0 <= raw <= 100.0:
@@ -116,6 +125,8 @@ class ConsensusParams:
         values["floor"] = min(values["floor"], 0.99)
         values["support"] = max(values["support"], 0.0)
         values["conflict"] = max(values["conflict"], 0.0)
+        values["min_agree"] = int(max(values["min_agree"], 0.0))
+        values["compete_range"] = min(max(values["compete_range"], 0.0), 2.0)
         return ConsensusParams(**values)
 
 
@@ -127,13 +138,19 @@ class ConsensusPolicy:
 
         r * (1 + support * agreeing weight) / (1 + conflict * competing weight)
 
-    where the agreeing weight sums the group's other members among the k, and the competing weight sums the members
-    of every *other group that has at least two members* among the k. A lone neighbour with another answer is no
-    evidence of disagreement: answers that mean the same thing in other words land in different groups, and most
-    entries of a plain LLM cache are alone in their group. So with no group information (every neighbour in its
-    own group) this is exactly :class:`ThresholdPolicy`. Only the nearest entry's group is considered: serving a
-    farther group that outvotes it measured worse. As ``threshold`` approaches 1 the radius shrinks to 0 whatever
-    the neighbours say.
+    where the agreeing weight sums the group's other members among the k (counted only when there are at least
+    ``min_agree`` of them), and the competing weight sums the members of every *other group that has at least two
+    members* among the k, each scaled down by how much less similar than the served entry it is
+    (``compete_range``). A lone neighbour with another answer is no evidence of disagreement: answers that mean
+    the same thing in other words land in different groups, and most entries of a plain LLM cache are alone in
+    their group. So with no group information (every neighbour in its own group) this is exactly
+    :class:`ThresholdPolicy`. Only the nearest entry's group is considered: serving a farther group that outvotes
+    it measured worse. As ``threshold`` approaches 1 the radius shrinks to 0 whatever the neighbours say.
+
+    ``min_agree`` and ``compete_range`` keep the policy from doing worse than the threshold rule on traffic whose
+    answer groups are small (paraphrase clusters of two or three next to a few large ones): without them it
+    widened into large neighbouring groups and refused small groups for distant competitors (docs/quality.md,
+    "Sets it was not tuned on").
     """
 
     name = "consensus"
@@ -157,8 +174,18 @@ class ConsensusPolicy:
         served = next((c for c in cands if c.similarity >= entry_floor(c)), None)
         if served is None:
             return None
-        agree = weight[group] - self._weight(served.similarity, p.floor)
-        compete = sum(w for g, w in weight.items() if g != group and len(members[g]) >= 2)
+        agree = 0.0
+        if len(members[group]) - 1 >= p.min_agree:
+            agree = weight[group] - self._weight(served.similarity, p.floor)
+        compete = 0.0
+        for g, cands_g in members.items():
+            if g == group or len(cands_g) < 2:
+                continue
+            for c in cands_g:
+                w = self._weight(c.similarity, p.floor)
+                if p.compete_range > 0:
+                    w *= min(max(1.0 - (served.similarity - c.similarity) / p.compete_range, 0.0), 1.0)
+                compete += w
         factor = (1.0 + p.support * agree) / (1.0 + p.conflict * compete)
         if factor == 1.0:  # no evidence either way: the threshold rule itself, without float round-off
             return served if served.similarity >= threshold else None
@@ -178,5 +205,6 @@ def make_policy(name: str, settings: "Settings | None" = None) -> MatchPolicy:
             return ConsensusPolicy()
         return ConsensusPolicy(ConsensusParams(
             floor=settings.consensus_floor, support=settings.consensus_support, conflict=settings.consensus_conflict,
+            min_agree=settings.consensus_min_agree, compete_range=settings.consensus_compete_range,
         ))  # fmt: skip
     raise ValueError(f"unknown match policy {name!r} (known: {', '.join(POLICY_NAMES)})")

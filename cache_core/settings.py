@@ -129,6 +129,14 @@ class Settings(BaseSettings):
         1.0, ge=0.0, le=100.0, description="consensus policy: how much a competing answer group (two or more "
         "neighbours sharing another answer) narrows it (/ (1 + conflict * weight)).",
     )
+    consensus_min_agree: int = Field(
+        5, ge=0, le=100, description="consensus policy: the allowed distance widens only when at least this many "
+        "other neighbours share the nearest entry's answer group (fewer is no evidence).",
+    )
+    consensus_compete_range: float = Field(
+        0.2, ge=0.0, le=2.0, description="consensus policy: a competing neighbour counts fully when as similar as "
+        "the served entry and not at all when this much less similar (0: by its weight alone).",
+    )
     feedback_window_s: int = Field(
         3600, ge=0, le=30 * 24 * 3600, description="How long after a hit its lookup_id can be rated (the read path "
         "logs hits this long, off the hot path); 0: no log, no feedback.",

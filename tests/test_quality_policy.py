@@ -27,10 +27,23 @@ def test_threshold_serves_the_nearest_only_at_the_threshold():
     assert policy.choose([], 0.0, {}) is None
 
 
+def agreeing(n: int, top: float = 0.85) -> list[Candidate]:
+    """The nearest entry and ``n`` more with its answer, then one unrelated neighbour."""
+    return [cand(i, top - i / 100, "a") for i in range(n + 1)] + [cand(99, 0.40, "x")]
+
+
 def test_agreeing_neighbours_widen_the_radius():
-    agree = [cand(1, 0.85, "a"), cand(2, 0.84, "a"), cand(3, 0.83, "a"), cand(4, 0.40, "x")]
+    agree = agreeing(5)
     assert ThresholdPolicy().choose(agree, 0.90, {}) is None
-    assert ConsensusPolicy().choose(agree, 0.90, {}).key == "k1"
+    assert ConsensusPolicy().choose(agree, 0.90, {}).key == "k0"
+
+
+def test_too_few_agreeing_neighbours_are_no_evidence():
+    """Answer groups of two to five (paraphrase pairs) widened into wrong hits on QQP clusters: min_agree."""
+    assert ConsensusPolicy().choose(agreeing(4), 0.90, {}) is None
+    assert ConsensusPolicy().choose(agreeing(4), 0.90, {"consensus_min_agree": 4}).key == "k0"
+    assert ConsensusPolicy().choose(agreeing(5), 0.90, {"consensus_min_agree": 6}) is None
+    assert ConsensusPolicy(ConsensusParams(min_agree=2)).choose(agreeing(2), 0.90, {}).key == "k0"
 
 
 def test_a_competing_group_narrows_it_but_a_lone_other_answer_does_not():
@@ -38,6 +51,15 @@ def test_a_competing_group_narrows_it_but_a_lone_other_answer_does_not():
     assert ConsensusPolicy().choose(lone, 0.90, {}).key == "k1"  # one other answer: no evidence of conflict
     competing = [cand(1, 0.92, "a"), cand(2, 0.91, "b"), cand(3, 0.90, "b")]
     assert ConsensusPolicy().choose(competing, 0.90, {}) is None
+
+
+def test_a_competing_group_counts_only_when_about_as_near_as_the_served_entry():
+    """A pair with another answer far below the nearest entry refused right hits on QQP clusters: compete_range."""
+    distant = [cand(1, 0.93, "a"), cand(2, 0.72, "b"), cand(3, 0.71, "b"), cand(4, 0.70, "b")]
+    assert ConsensusPolicy().choose(distant, 0.90, {}).key == "k1"  # 0.2 below the served entry: no weight
+    assert ConsensusPolicy().choose(distant, 0.90, {"consensus_compete_range": 0.0}) is None  # the old rule
+    near = [cand(1, 0.93, "a"), cand(2, 0.88, "b"), cand(3, 0.87, "b"), cand(4, 0.86, "b")]
+    assert ConsensusPolicy().choose(near, 0.90, {}) is None
 
 
 def test_only_the_nearest_entrys_group_is_served():
@@ -91,18 +113,22 @@ def test_feedback_floor_is_honoured_and_only_raises_the_bar():
 
 
 def test_calibrated_parameters_override_the_defaults_and_junk_is_ignored():
-    cands = [cand(1, 0.85, "a"), cand(2, 0.84, "a"), cand(3, 0.83, "a")]
+    cands = agreeing(5)
     policy = ConsensusPolicy()
     assert policy.choose(cands, 0.90, {}) is not None
     assert policy.choose(cands, 0.90, {"consensus_support": 0.0}) is None
     assert policy.choose(cands, 0.90, {"consensus_support": "lots", "consensus_floor": None}) is not None
+    assert policy.choose(cands, 0.90, {"consensus_min_agree": "many", "consensus_compete_range": [1]}) is not None
     assert ConsensusParams().merged({"consensus_floor": 5.0}).floor == 0.99
+    merged = ConsensusParams().merged({"consensus_min_agree": 2.7, "consensus_compete_range": 50.0})
+    assert merged.min_agree == 2 and merged.compete_range == 2.0
 
 
 def test_make_policy_reads_the_settings():
-    s = Settings(index="p1", consensus_support=2.5)
+    s = Settings(index="p1", consensus_support=2.5, consensus_min_agree=3, consensus_compete_range=0.1)
     policy = make_policy("consensus", s)
     assert isinstance(policy, ConsensusPolicy) and policy.defaults.support == 2.5
+    assert policy.defaults.min_agree == 3 and policy.defaults.compete_range == 0.1
     assert isinstance(make_policy("threshold"), ThresholdPolicy)
     with pytest.raises(ValueError, match="unknown match policy"):
         make_policy("magic")
@@ -111,7 +137,8 @@ def test_make_policy_reads_the_settings():
 
 # --- in the real read path -------------------------------------------------------------------------------------
 PARAPHRASES = ["what is my account balance", "how much money is in my account", "show me my account balance",
-               "tell me my bank account balance"]  # fmt: skip
+               "tell me my bank account balance", "what's the balance on my account",
+               "how much is left in my bank account"]  # fmt: skip
 
 
 @pytest.fixture
