@@ -220,7 +220,7 @@ class _Up:
 
         s = self.settings
         if s.redis_url:
-            self._check_external(s.redis_url)
+            self._check_external(s.redis_url, s.key(""))
             return s.redis_url, {"url": _redact(s.redis_url), "embedded": False, "supervised": False}, None
         server = EmbeddedRedis(self.data_dir, port=s.embedded_port, appendonly=s.embedded_appendonly,
                                maxmemory=s.embedded_maxmemory, maxmemory_policy=s.embedded_maxmemory_policy)
@@ -235,13 +235,13 @@ class _Up:
                      "appendonly": s.embedded_appendonly}, EmbeddedRedisService(server)
 
     @staticmethod
-    def _check_external(url: str) -> None:
+    def _check_external(url: str, key_prefix: str = "semcache:") -> None:
         from cache_core.connection import check_modules, make_client
         from cache_core.errors import BackendUnavailable
 
         client = make_client(url, timeout_ms=2000, max_connections=2)
         try:
-            check_modules(client, url)  # a Redis without Search/JSON is a configuration error: say so now
+            check_modules(client, url, key_prefix=key_prefix)  # no Search/JSON is a configuration error: say so now
         except BackendUnavailable as exc:
             log.warning("%s; starting anyway, the children retry until it answers", exc)
         finally:

@@ -42,6 +42,8 @@ def create_app(settings: Settings, *, redis_handle: RedisHandle | None = None, e
     if redis_handle is None:
         redis_handle = RedisHandle(settings=settings, url=settings.redis_url) if settings.redis_url \
             else open_redis(settings)
+        if settings.redis_url:
+            _check_server(redis_handle, settings)
     celery = celery or make_celery_client(settings, redis_handle.broker_url)
     app.config.update(
         SECRET_KEY=secret_key(settings),
@@ -117,3 +119,15 @@ def _template_helpers(app: Flask) -> None:
         if value is None:
             return "–"
         return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}"
+
+
+def _check_server(handle: RedisHandle, settings: Settings) -> None:
+    """Refuse to start against a server without Search/JSON or whose KNN replies differ (a configuration error);
+    an unreachable server is not one: the app starts, and /readyz reports it until Redis is back."""
+    from cache_core.connection import check_modules
+    from cache_core.errors import BackendUnavailable
+
+    try:
+        check_modules(handle.writer(), handle.url, key_prefix=settings.key(""))
+    except BackendUnavailable as exc:  # its message names the server without credentials
+        log.warning("%s; starting anyway: /readyz reports it until Redis answers", exc)
