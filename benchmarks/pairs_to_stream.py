@@ -164,6 +164,21 @@ def group_pairs(edges: Sequence[tuple[str, str]], *, min_group: int = 1) -> Grou
     return grouping
 
 
+def half(grouping: Grouping, which: str) -> Grouping:
+    """The questions of half the groups: ``"A"`` the groups whose SHA-1 of the group id is even, ``"B"`` the others.
+
+    A fixed split by group, so one half can be used to choose a policy's parameters and the other to check them
+    (docs/quality.md, QQP duplicate clusters).
+    """
+    import hashlib
+
+    if which not in ("A", "B"):
+        raise ValueError(f"half must be 'A' or 'B', not {which!r}")
+    parity = 0 if which == "A" else 1
+    keep = [i for i, g in enumerate(grouping.groups) if int(hashlib.sha1(g.encode()).hexdigest(), 16) % 2 == parity]
+    return Grouping([grouping.texts[i] for i in keep], [grouping.groups[i] for i in keep])
+
+
 def write_stream_csv(grouping: Grouping, out: str | Path, split: str = "test") -> None:
     """Write ``text,intent,split`` rows, one per question, in first-appearance order."""
     out = Path(out)
@@ -189,11 +204,13 @@ def summary(grouping: Grouping, *, edges: int, skipped: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m benchmarks.pairs_to_stream --data IN.csv --out OUT.csv [--min-group N]``."""
+    """``python -m benchmarks.pairs_to_stream --data IN.csv --out OUT.csv [--min-group N] [--half A|B]``."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.pairs_to_stream", description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, type=Path, help="q1,q2,is_duplicate CSV (extra columns ignored)")
     parser.add_argument("--out", required=True, type=Path, help="text,intent,split CSV to write")
     parser.add_argument("--min-group", type=int, default=1, help="keep only groups of at least this many questions")
+    parser.add_argument("--half", choices=("A", "B"), help="keep half the groups (A: SHA-1 of the group id even, "
+                        "B: odd), e.g. one half to choose parameters on and the other to check them")
     args = parser.parse_args(argv)
     if args.min_group < 1:
         parser.error("--min-group must be at least 1")
@@ -206,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {args.data} has no is_duplicate=1 rows", file=sys.stderr)
         return 2
     grouping = group_pairs(edges, min_group=args.min_group)
+    if args.half:
+        grouping = half(grouping, args.half)
     if not grouping.texts:
         print(f"error: no group has {args.min_group} or more questions", file=sys.stderr)
         return 2

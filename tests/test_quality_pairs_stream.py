@@ -9,7 +9,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from benchmarks.pairs_to_stream import group_pairs, main, read_duplicate_edges
+from benchmarks.pairs_to_stream import group_pairs, half, main, read_duplicate_edges
 from cache_core.evaluation import embed_rows, read_dataset
 from cache_core.policy import make_policy
 from semcache.cli import cli
@@ -66,6 +66,21 @@ def test_min_group_drops_small_groups_and_keeps_the_ids(tmp_path):
     edges, _ = read_duplicate_edges(_write(tmp_path / "pairs.csv", TINY))
     grouping = group_pairs(edges, min_group=3)
     assert set(grouping.groups) == {"g00000", "g00002"} and len(grouping.texts) == 8
+
+
+def test_halves_split_by_group_and_together_are_the_whole(tmp_path, capsys):
+    import hashlib
+
+    grouping = group_pairs(read_duplicate_edges(_write(tmp_path / "pairs.csv", TINY))[0])
+    a, b = half(grouping, "A"), half(grouping, "B")
+    assert a.texts and b.texts and not set(a.groups) & set(b.groups)  # a group is never split between them
+    assert sorted(a.texts + b.texts) == sorted(grouping.texts)
+    assert all(int(hashlib.sha1(g.encode()).hexdigest(), 16) % 2 == 0 for g in a.groups)
+    with pytest.raises(ValueError, match="'A' or 'B'"):
+        half(grouping, "C")
+    out = tmp_path / "half.csv"
+    assert main(["--data", str(tmp_path / "pairs.csv"), "--out", str(out), "--half", "B"]) == 0
+    assert [r["text"] for r in _read(out)] == b.texts
 
 
 def test_main_writes_a_stream_csv_that_eval_reads(tmp_path, capsys):
