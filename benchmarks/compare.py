@@ -139,7 +139,9 @@ def _store_semcache(sc: SemcacheSystem, entries: list[tuple[str, str]], runner: 
     if runner is not None:
         phase.label("semcache: store (worker)")
         out = runner.store(sc.cache.handle.writer(), sc.index_name, entries, TENANT, tick=phase.add)
-        return {"seconds": out["seconds"], "enqueue_seconds": out["enqueue_seconds"], "failures": out["failures"]}
+        cpu = {k: v for k, v in out.items() if k.endswith("_cpu_seconds") and v is not None}
+        return {"seconds": out["seconds"], "enqueue_seconds": out["enqueue_seconds"], "failures": out["failures"],
+                **cpu}
     tick = phase.label("semcache: store (direct, no worker)")
     start = time.perf_counter()
     for prompt, answer in entries:
@@ -155,7 +157,26 @@ def _store_with_vectors(sc: SemcacheSystem, w: Workload, runner: Any, phase: _Ph
     vectors = sc.embedder.embed([p for p, _ in w.stores]).tolist()
     out = runner.store(sc.cache.handle.writer(), sc.index_name, w.stores, "bench-vectors", vectors=vectors)
     sc.drop_tenant("bench-vectors")
-    return {"store_with_vectors_per_s": round(out["store_per_s"], 2)}
+    result: dict[str, Any] = {"store_with_vectors_per_s": round(out["store_per_s"], 2)}
+    cpu = _cpu_per_entry(out, len(w.stores))
+    if cpu:
+        result["store_with_vectors_cpu_ms_per_entry"] = cpu
+    return result
+
+
+def _cpu_per_entry(totals: dict[str, Any], n: int) -> dict[str, float] | None:
+    """CPU milliseconds per stored entry of the sender (this process), the worker's processes and the Redis
+    server, from :meth:`WorkerStore.store`'s ``*_cpu_seconds``; None when they could not be read (no ``/proc``).
+
+    Unlike entries/s, CPU per entry barely moves with a shared machine's load: ``cores / total`` is what idle
+    cores would sustain, and comparing totals compares two versions of the write path under any load.
+    """
+    parts = {name: totals.get(f"{name}_cpu_seconds") for name in ("sender", "worker", "redis")}
+    if any(v is None for v in parts.values()):
+        return None
+    out = {name: round(v / n * 1000, 3) for name, v in parts.items()}
+    out["total"] = round(sum(out.values()), 3)
+    return out
 
 
 def _store_redisvl(vl: RedisVLSystem, entries: list[tuple[str, str]], phase: _Phase) -> dict[str, Any]:
@@ -186,7 +207,7 @@ def _store_phase(sc: SemcacheSystem, vl: RedisVLSystem | None, w: Workload, runn
         block = w.stores[k : k + size]
         before = used_memory(client)
         for key, value in _store_semcache(sc, block, runner, phase).items():
-            totals["semcache"][key] += value
+            totals["semcache"][key] = totals["semcache"].get(key, 0.0) + value
         _wait_indexed(client, sc.index_name, k + len(block))
         used["semcache_delta"] += used_memory(client) - before
         if vl is not None:
@@ -200,6 +221,9 @@ def _store_phase(sc: SemcacheSystem, vl: RedisVLSystem | None, w: Workload, runn
     if runner is not None:
         s_out.update(store_mode="worker", worker_concurrency=runner.concurrency,
                      enqueue_seconds=round(s["enqueue_seconds"], 3), enqueue_failures=int(s["failures"]))
+        cpu = _cpu_per_entry(s, n) if all(f"{k}_cpu_seconds" in s for k in ("sender", "worker", "redis")) else None
+        if cpu:
+            s_out["store_cpu_ms_per_entry"] = cpu
     else:
         s_out["store_mode"] = "direct, no worker"
     v_out = None
@@ -442,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
     result = run_comparison(opts, progress=False)
     if phases == ("store",):
         keys = ("store_per_s", "store_seconds", "store_mode", "worker_concurrency", "enqueue_seconds",
-                "store_with_vectors_per_s")
+                "store_cpu_ms_per_entry", "store_with_vectors_per_s", "store_with_vectors_cpu_ms_per_entry")
         result = {"semcache": {k: result["semcache"].get(k) for k in keys if k in result["semcache"]},
                   "redisvl": {k: (result["redisvl"] or {}).get(k) for k in ("store_per_s", "store_seconds")},
                   "ratios": {"store_per_s": result["ratios"].get("store_per_s")}, "machine": result["machine"],

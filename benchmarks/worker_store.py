@@ -23,7 +23,7 @@ from cache_core.connection import with_db
 from cache_core.schema import Scope, WriteCommand, tag_token
 from cache_core.settings import Settings
 
-__all__ = ["WorkerStore", "count_tenant"]
+__all__ = ["WorkerStore", "count_tenant", "cpu_seconds"]
 
 _SAFETY_OFF = {
     "SEMCACHE_SAFETY_PII": "off",
@@ -42,6 +42,46 @@ def count_tenant(client: redis.Redis, index: str, tenant: str) -> int:
     if isinstance(reply, dict):
         return int(reply.get(b"total_results", reply.get("total_results", 0)))
     return int(reply[0])
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux ``/proc``; just ``pid`` elsewhere)."""
+    out = [pid]
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                children = fh.read().split()
+        except OSError:
+            continue
+        for child in children:
+            out += _process_tree(int(child))
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float | None:
+    """User + system CPU seconds of these processes so far (Linux ``/proc``), None where that is not readable."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15 of stat)
+    return total
+
+
+def _redis_cpu(client: redis.Redis) -> float | None:
+    try:
+        info = client.info("cpu")
+        return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+    except (redis.RedisError, KeyError, ValueError):
+        return None
 
 
 class WorkerStore:
@@ -116,6 +156,10 @@ class WorkerStore:
         commands = [WriteCommand(prompt=p, response=a, scope=scope, source="bench", embedding=v)
                     for (p, a), v in zip(entries, vecs)]
         before = count_tenant(client, index, tenant)
+        # CPU seconds, which a shared machine's load barely moves (entries/s swing tenfold with it): this process
+        # (the queue's publisher, the polling below), the worker's process tree, the Redis server (all its users)
+        pids = _process_tree(self.process.pid)
+        cpu0 = (time.process_time(), cpu_seconds(pids), _redis_cpu(client))
         start = time.perf_counter()
         for c in commands:
             queue.enqueue(c)
@@ -134,9 +178,12 @@ class WorkerStore:
                 tick(done - last)
                 last = done
         seconds = time.perf_counter() - start
+        cpu1 = (time.process_time(), cpu_seconds(pids), _redis_cpu(client))
         queue.close()
+        cpu = {f"{name}_cpu_seconds": (b - a if a is not None and b is not None else None)
+               for name, a, b in zip(("sender", "worker", "redis"), cpu0, cpu1)}
         return {"seconds": seconds, "store_per_s": len(entries) / seconds, "enqueue_seconds": enqueued,
-                "failures": queue.failures}
+                "failures": queue.failures, **cpu}
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:

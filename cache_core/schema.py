@@ -91,8 +91,13 @@ class Decision(str, enum.Enum):
 def _clean_text(value: str, field: str) -> str:
     if "\x00" in value:
         raise ValueError(f"{field} contains a NUL character")
-    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in value):
-        raise ValueError(f"{field} contains a lone surrogate (invalid UTF-8)")
+    # lone surrogates are exactly the code points strict UTF-8 refuses; encode() finds them in C, where a scan
+    # per character cost the worker about 10 us per command (docs/performance.md, "Writes")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{field} contains a lone surrogate (invalid UTF-8)") from None
     return value
 
 
@@ -215,6 +220,10 @@ class CacheEntry(EntryView):
     def _numbers(cls, value: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ValueError("embedding must be a list of numbers")
+        # the common case (plain ints or floats) checked in C; anything else (bool, None, str, subclasses such as
+        # numpy scalars) takes the per-element check
+        if set(map(type, value)) <= {int, float}:
+            return value
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
             raise ValueError("embedding must hold only numbers (no strings, booleans or nulls)")
         return value
@@ -224,11 +233,11 @@ class CacheEntry(EntryView):
     def _finite(cls, value: list[int] | list[float], info: ValidationInfo) -> list[int] | list[float]:
         if not value:
             raise ValueError("embedding is empty")
-        if not all(math.isfinite(x) for x in value):
+        if not all(map(math.isfinite, value)):
             raise ValueError("embedding contains NaN or infinity")
         if not any(value):
             raise ValueError("embedding is all zeros (it has no direction to compare)")
-        if isinstance(value[0], int) and max(abs(x) for x in value) > _INT_LIMIT:
+        if isinstance(value[0], int) and max(map(abs, value)) > _INT_LIMIT:
             raise ValueError(f"an integer embedding holds values beyond +-{_INT_LIMIT} (the int16 range)")
         dim = (info.context or {}).get("dim") if info is not None else None
         if dim is not None and len(value) != dim:
@@ -277,7 +286,7 @@ class WriteCommand(BaseModel):
     @field_validator("embedding")
     @classmethod
     def _embedding(cls, value: list[float] | None) -> list[float] | None:
-        if value is not None and not all(math.isfinite(x) for x in value):
+        if value is not None and not all(map(math.isfinite, value)):
             raise ValueError("embedding contains NaN or infinity")
         return value
 
@@ -337,7 +346,9 @@ def quantize_embedding(vector: Any, storage: str = "float32") -> list[float] | l
     peak = float(np.max(np.abs(array))) if array.size else 0.0
     if not peak > 0 or not math.isfinite(peak):
         raise ValueError("embedding is empty, all zeros or not finite: it cannot be stored")
-    return [int(x) for x in np.rint(array / peak * scale)]  # / peak first: a subnormal peak must not overflow
+    # / peak first: a subnormal peak must not overflow; astype + tolist gives the same ints as int() per element,
+    # in C
+    return np.rint(array / peak * scale).astype(np.int64).tolist()
 
 
 def embedding_vector(stored: Any) -> np.ndarray:

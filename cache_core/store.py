@@ -16,6 +16,7 @@ import logging
 import time
 from typing import Any, Iterable, Literal, Sequence
 
+import orjson
 import redis
 from pydantic import ValidationError
 
@@ -123,7 +124,17 @@ def build_entry(
         raise InvalidInput(exc.errors()[0]["msg"], field="embedding") from exc
 
 
-def document_set_args(key: str, entry: CacheEntry, settings: Settings) -> list[list[str]]:
+def _json_text(value: Any) -> bytes | str:
+    """``value`` as JSON for a ``JSON.SET``: orjson (UTF-8 bytes, about 4x faster than ``json.dumps`` on a
+    document: 29 -> 7 us per entry, docs/performance.md "Writes"), or ``json.dumps`` for what orjson refuses
+    (integers beyond 64 bits in caller metadata)."""
+    try:
+        return orjson.dumps(value)
+    except (orjson.JSONEncodeError, TypeError):
+        return json.dumps(value, ensure_ascii=False)
+
+
+def document_set_args(key: str, entry: CacheEntry, settings: Settings) -> list[list[Any]]:
     """The ``JSON.SET`` command(s) that write one entry's document.
 
     One command normally. With ``SEMCACHE_JSON_FPHA`` (Redis 8.8+), the document goes first without its
@@ -133,9 +144,9 @@ def document_set_args(key: str, entry: CacheEntry, settings: Settings) -> list[l
     """
     doc = entry.document()
     if settings.json_fpha == "off":
-        return [["JSON.SET", key, "$", json.dumps(doc, ensure_ascii=False)]]
+        return [["JSON.SET", key, "$", _json_text(doc)]]
     embedding = embedding_set_args(key, doc.pop("embedding"), settings)
-    return [["JSON.SET", key, "$", json.dumps(doc, ensure_ascii=False)], embedding]
+    return [["JSON.SET", key, "$", _json_text(doc)], embedding]
 
 
 def embedding_set_args(key: str, stored: Sequence[float], settings: Settings, *options: str) -> list[str]:

@@ -30,6 +30,7 @@ from cache_core.schema import WriteCommand
 from cache_core.settings import Settings
 from cache_core.tasks import WRITE_ENTRY
 
+from .packing import pack_embeddings
 from .tasks import WRITE_ENTRIES
 
 __all__ = ["CeleryWriteQueue"]
@@ -184,7 +185,11 @@ class CeleryWriteQueue:
             if n == 1:
                 name, kwargs, shown = WRITE_ENTRY, {"command": data[0]}, "{'command': <1 write>}"
             else:
+                # the vectors as one base64 matrix, not 384 floats of JSON text per command (worker.packing)
+                data, packed = pack_embeddings(data)
                 name, kwargs, shown = WRITE_ENTRIES, {"commands": data}, f"{{'commands': <{n} writes>}}"
+                if packed is not None:
+                    kwargs["embeddings"] = packed
             # kwargsrepr: the message headers (and monitoring tools) show a summary, never prompts or responses
             self.publisher.send_task(name, kwargs=kwargs, task_id=batch.task_id, kwargsrepr=shown, retry=True,
                                      retry_policy=_PUBLISH_RETRY)

@@ -8,6 +8,7 @@ Nothing from a command's prompt or response is ever logged: log lines carry entr
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -105,8 +106,8 @@ class WritePlan:
     verdict: Verdict
     ttl_seconds: int
 
-    @property
-    def entry_id(self) -> str:
+    @functools.cached_property
+    def entry_id(self) -> str:  # cached: the summary and the log line both ask (a hash of the normalized prompt)
         return entry_id(self.command.prompt, self.command.scope)
 
 
@@ -134,16 +135,22 @@ def write_commands(client: redis.Redis, settings: Settings, embedder: Embedder, 
     Invalid commands are reported (with their position) and skipped; the rest are written in one transaction.
     Returns a small summary: counts per decision, the ids written, the invalid positions with their reasons.
     """
-    results: list[dict[str, Any]] = []
-    plans: list[tuple[int, WritePlan]] = []
+    commands: list[tuple[int, WriteCommand]] = []
     invalid: list[dict[str, Any]] = []
     for index, raw in enumerate(raws):
         try:
-            command = parse_command(raw, settings, embedder.dim)
+            commands.append((index, parse_command(raw, settings, embedder.dim)))
         except InvalidInput as exc:
             invalid.append({"index": index, "error": str(exc)[:300]})
-            continue
-        plans.append((index, plan_write(command, settings, pipeline)))
+    return _write_parsed(client, settings, embedder, pipeline, commands, invalid, task_id=task_id)
+
+
+def _write_parsed(client: redis.Redis, settings: Settings, embedder: Embedder, pipeline: SafetyPipeline,
+                  commands: list[tuple[int, WriteCommand]], invalid: list[dict[str, Any]], *,
+                  task_id: str | None) -> dict[str, Any]:
+    """:func:`write_commands` after validation: ``commands`` are (position, valid command) pairs."""
+    results: list[dict[str, Any]] = []
+    plans = [(index, plan_write(command, settings, pipeline)) for index, command in commands]
     keep = [(i, p) for i, p in plans if p.verdict.decision != Decision.DROP]
     missing = [p.command.prompt for _, p in keep if p.command.embedding is None]
     # one model call for the whole task (the embedder sorts it into length buckets); tolist() converts the float32
@@ -207,8 +214,8 @@ def count_invalid(client: redis.Redis, settings: Settings) -> None:
 def write_one(client: redis.Redis, settings: Settings, embedder: Embedder, pipeline: SafetyPipeline, raw: Any, *,
               task_id: str | None = None) -> dict[str, Any]:
     """One command (the ``semcache.write_entry`` task). An invalid command raises :class:`InvalidInput`."""
-    parse_command(raw, settings, embedder.dim)  # raise (rather than report) when the only command is invalid
-    summary = write_commands(client, settings, embedder, pipeline, [raw], task_id=task_id)
+    command = parse_command(raw, settings, embedder.dim)  # raises (rather than reports): the only command is invalid
+    summary = _write_parsed(client, settings, embedder, pipeline, [(0, command)], [], task_id=task_id)
     result = dict(summary["results"][0])
     result.pop("index", None)
     return result

@@ -27,12 +27,15 @@ from cache_core.settings import Settings
 from cache_core.tasks import FEEDBACK, PURGE, SET_STATUS, WRITE_ENTRY
 
 from . import service
+from .packing import unpack_embeddings
 
 __all__ = ["register", "WRITE_ENTRIES", "backoff_seconds"]
 
 log = logging.getLogger(__name__)
 
-WRITE_ENTRIES = "semcache.write_entries"  # kwargs: commands=[WriteCommand dicts]; batched embedding and writes
+# kwargs: commands=[WriteCommand dicts], optionally embeddings=the commands' vectors as one base64 matrix
+# (worker.packing: the write queue sends them so, 8 KB of float text less per command); batched embedding and writes
+WRITE_ENTRIES = "semcache.write_entries"
 MAX_BATCH = 1000
 
 _SET_STATUS_FIELDS = frozenset({"entry_id", "status", "by", "reason", "response", "tenant"})
@@ -75,6 +78,8 @@ def _dead_letter(task: Task, kwargs: dict[str, Any], exc: BaseException, why: st
     from .app import runtime_of
 
     runtime = runtime_of(task.app)
+    # packed vectors go the way of inline ones (cache_core.deadletters strips those): a replay embeds again
+    kwargs = {k: v for k, v in kwargs.items() if k != "embeddings"}
     letter = DeadLetter(task=task.name, kwargs=kwargs, reason=f"{why}: {exc}"[:2000], error_type=type(exc).__name__,
                         retries=task.request.retries or 0, task_id=task.request.id, tenant=_tenant_of(kwargs))
     try:
@@ -154,7 +159,8 @@ def register(app: Celery) -> None:
 
     @app.task(name=WRITE_ENTRIES, bind=True, throws=expected, shared=False)
     def write_entries(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """Many commands at once (``commands`` = a list of WriteCommand dicts): one embedding batch, one write."""
+        """Many commands at once (``commands`` = a list of WriteCommand dicts, ``embeddings`` = their vectors packed
+        by :func:`worker.packing.pack_embeddings`, optional): one embedding batch, one write."""
 
         def body(rt: Any, kw: dict[str, Any]) -> dict[str, Any]:
             commands = kw.get("commands")
@@ -162,10 +168,12 @@ def register(app: Celery) -> None:
                 raise InvalidInput(f"commands must be a JSON list, not {type(commands).__name__}")
             if len(commands) > MAX_BATCH:
                 raise InvalidInput(f"commands has {len(commands)} items; at most {MAX_BATCH} per task")
+            if kw.get("embeddings") is not None:
+                commands = unpack_embeddings(commands, kw["embeddings"])
             return service.write_commands(rt.client, rt.settings, rt.embedder, rt.pipeline, commands,
                                           task_id=self.request.id)
 
-        return _run(self, args, kwargs, frozenset({"commands"}), body, counts_invalid=True)
+        return _run(self, args, kwargs, frozenset({"commands", "embeddings"}), body, counts_invalid=True)
 
     @app.task(name=SET_STATUS, bind=True, throws=expected, shared=False)
     def set_status(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
