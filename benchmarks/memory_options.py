@@ -363,7 +363,7 @@ def run_memory_options(opts: MemoryOptions, *, progress: bool = True) -> dict[st
     base = Settings(**({"redis_url": opts.redis_url} if opts.redis_url else {}))
     data_dir = Path(opts.data_dir or base.data_dir)
     embedder = load_embedder(base.model, backend=opts.backend or base.embedding_backend, data_dir=data_dir,
-                             cache_size=0)
+                             cache_size=0, precision=base.embedding_precision)
     rows, vectors = _clinc_vectors(embedder, data_dir / "bench-cache")
     train = [i for i, r in enumerate(rows) if r.split == "train"]
     rng = random.Random(opts.seed)

@@ -110,7 +110,10 @@ def measure(n: int, workers: int, vectors: bool, batch: int, redis_url: str | No
         if vectors:
             from cache_core.embedder import load_embedder
 
-            embedder = load_embedder()
+            # the same model as the worker's (vectors of another precision would be refused by its index)
+            embedder = load_embedder(settings.model, backend=settings.embedding_backend, data_dir=settings.data_dir,
+                                     precision=settings.embedding_precision)
+
         def command(prompt: str, intent: str, vector=None) -> WriteCommand:
             return WriteCommand(prompt=prompt, response=f"This is about {intent.replace('_', ' ')}.",
                                 scope=Scope(tenant="bench"), embedding=vector)
