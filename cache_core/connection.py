@@ -187,16 +187,25 @@ def _server_version(client: redis.Redis) -> str:
         parts.append(f"redis {text(client.info('server').get('redis_version', 'unknown'))}")
     except redis.RedisError:
         parts.append("redis version unknown")
+    search = module_version(client, "search")
+    if search is not None:
+        parts.append(f"search {search}")
+    return ", ".join(parts)
+
+
+def module_version(client: redis.Redis, name: str) -> str | None:
+    """A loaded module's version as ``major.minor.patch`` (``MODULE LIST`` ``ver`` 20803 -> ``2.8.3``); None when
+    the module is not loaded or the server does not say (managed services may refuse ``MODULE LIST``)."""
     try:
         for module in client.execute_command("MODULE", "LIST"):
             fields = module if isinstance(module, dict) else dict(zip(module[::2], module[1::2]))
             fields = {text(k): v for k, v in fields.items()}
-            if text(fields.get("name", "")) == "search":
+            if text(fields.get("name", "")) == name:
                 ver = int(fields.get("ver", 0))
-                parts.append(f"search {ver // 10000}.{ver // 100 % 100}.{ver % 100}")
+                return f"{ver // 10000}.{ver // 100 % 100}.{ver % 100}"
     except (redis.RedisError, ValueError, TypeError):
         pass
-    return ", ".join(parts)
+    return None
 
 
 def _safe(url: str) -> str:

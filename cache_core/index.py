@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import redis
 
-from .connection import text
+from .connection import module_version, text
 from .errors import BackendUnavailable, ConfigError, IndexMismatch
 from .schema import SCHEMA_VERSION, Fields, quantize_embedding
 from .settings import Settings
@@ -178,16 +178,7 @@ def ensure_index(client: redis.Redis, spec: IndexSpec) -> str:
 def _json_module_version(client: redis.Redis) -> str:
     """The JSON module's version as ``major.minor.patch`` (``MODULE LIST`` ``ver`` 20803 -> ``2.8.3``), or
     ``"unknown"`` where the server does not say (managed services may refuse ``MODULE LIST``)."""
-    try:
-        for module in client.execute_command("MODULE", "LIST"):
-            fields = module if isinstance(module, dict) else dict(zip(module[::2], module[1::2]))
-            fields = {text(k): v for k, v in fields.items()}
-            if text(fields.get("name", "")) == "ReJSON":
-                ver = int(fields.get("ver", 0))
-                return f"{ver // 10000}.{ver // 100 % 100}.{ver % 100}"
-    except (redis.RedisError, ValueError, TypeError):
-        pass
-    return "unknown"
+    return module_version(client, "ReJSON") or "unknown"
 
 
 def check_json_fpha(client: redis.Redis, settings: Settings) -> None:

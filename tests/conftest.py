@@ -46,6 +46,33 @@ def redis_server(tmp_root):
     server.stop()
 
 
+@pytest.fixture
+def plain_redis_url(tmp_path):
+    """A redis-server without Search and JSON (the same binary, no modules loaded): what a wrong deployment has."""
+    import subprocess
+    import time
+
+    import redis
+
+    from cache_core.embedded import free_port, server_binary
+
+    port = free_port()
+    plain = subprocess.Popen([server_binary(), "--port", str(port), "--save", "", "--dir", str(tmp_path)],
+                             stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        for _ in range(100):
+            try:
+                redis.Redis.from_url(url).ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        yield url
+    finally:
+        plain.terminate()
+        plain.wait()
+
+
 @pytest.fixture(scope="session")
 def redis_url(redis_server) -> str:
     return redis_server.url

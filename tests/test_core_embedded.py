@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from cache_core.connection import check_modules, open_redis
-from cache_core.embedded import EmbeddedRedis, free_port, server_binary
+from cache_core.embedded import EmbeddedRedis, free_port
 from cache_core.errors import ConfigError
 from cache_core.settings import Settings
 
@@ -82,26 +82,13 @@ def test_server_dies_with_a_killed_parent(tmp_path):
     assert not _alive(pid)
 
 
-def test_open_redis_refuses_a_server_without_search_and_json(tmp_path):
-    port = free_port()
-    plain = subprocess.Popen([server_binary(), "--port", str(port), "--save", "", "--dir", str(tmp_path)],
-                             stdout=subprocess.DEVNULL)
-    try:
-        url = f"redis://127.0.0.1:{port}/0"
-        for _ in range(100):
-            try:
-                redis.Redis.from_url(url).ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        with pytest.raises(ConfigError) as info:
-            check_modules(redis.Redis.from_url(url), url)
-        assert "redis:8" in str(info.value)
-        with pytest.raises(ConfigError):
-            open_redis(Settings(redis_url=url))
-    finally:
-        plain.terminate()
-        plain.wait()
+def test_open_redis_refuses_a_server_without_search_and_json(plain_redis_url):
+    url = plain_redis_url
+    with pytest.raises(ConfigError) as info:
+        check_modules(redis.Redis.from_url(url), url)
+    assert "redis:8" in str(info.value)
+    with pytest.raises(ConfigError):
+        open_redis(Settings(redis_url=url))
 
 
 def test_open_redis_with_url_uses_that_server(redis_url):

@@ -4,41 +4,19 @@ start (and say why) when the server is merely unreachable."""
 from __future__ import annotations
 
 import logging
-import subprocess
-import time
 
 import pytest
-import redis
 
-from cache_core.embedded import free_port, server_binary
+from cache_core.embedded import free_port
 from cache_core.errors import ConfigError
 from cache_core.testing import test_settings
 from web.app import create_app
 
 
-def _wait(url: str) -> None:
-    for _ in range(100):
-        try:
-            redis.Redis.from_url(url).ping()
-            return
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    raise AssertionError(f"{url} never answered")
-
-
-def test_web_refuses_an_external_server_without_search_and_json(tmp_path):
-    port = free_port()
-    plain = subprocess.Popen([server_binary(), "--port", str(port), "--save", "", "--dir", str(tmp_path)],
-                             stdout=subprocess.DEVNULL)
-    try:
-        url = f"redis://127.0.0.1:{port}/0"
-        _wait(url)
-        with pytest.raises(ConfigError) as info:
-            create_app(test_settings(url, data_dir=tmp_path))
-        assert "redis:8" in str(info.value)
-    finally:
-        plain.terminate()
-        plain.wait()
+def test_web_refuses_an_external_server_without_search_and_json(plain_redis_url, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        create_app(test_settings(plain_redis_url, data_dir=tmp_path))
+    assert "redis:8" in str(info.value)
 
 
 def test_web_starts_against_an_unreachable_server_and_says_so(tmp_path, caplog):
