@@ -281,6 +281,30 @@ def test_rate_limit_per_key(make_settings, redis_url, embedder, password_hash):
     app.extensions["semcache"].close()
 
 
+def test_a_failing_rate_limit_counter_never_fails_a_lookup(make_settings, redis_client, embedder, password_hash):
+    """Redis going away between the key check and the rate-limit counter (seen in CI as a 503 lookup): a lookup
+    still answers, other endpoints say 503. The counter is made to fail for real: a hash where INCR expects a
+    number."""
+    import time
+
+    from cache_core.apikeys import parse_key
+
+    from .fixtures_web import _key_factory, _make_app
+
+    settings = make_settings()
+    app = _make_app(settings, embedder)
+    client = app.test_client()
+    headers = _key_factory(app)("acme")
+    key_id, _ = parse_key(headers["Authorization"].split(" ", 1)[1])
+    minute = int(time.time() // 60)
+    for m in (minute, minute + 1):  # a minute boundary during the test must not matter
+        redis_client.hset(settings.key(f"ratelimit:{key_id}:{m}"), "not", "a number")
+    response = client.post("/api/v1/lookup", headers=headers, json={"prompt": "a question", "scope": {"locale": "en"}})
+    assert response.status_code == 200 and response.get_json()["hit"] is False
+    assert error_of(client.get("/api/v1/stats", headers=headers), 503)["code"] == "unavailable"
+    app.extensions["semcache"].close()
+
+
 def test_unknown_paths_and_methods_are_json(client, api_headers):
     headers = api_headers("acme")
     assert error_of(client.get("/api/v1/nothing", headers=headers), 404)["code"] == "not_found"

@@ -81,7 +81,13 @@ def _authenticate() -> None:
     if request.endpoint == "api.lookup" and _lookup_auth().known_down():
         g.api_key = key  # the rate limit fails open while Redis is down: its counter lives there
         return
-    _rate_limit(key)
+    try:
+        _rate_limit(key)
+    except BackendUnavailable:
+        if request.endpoint != "api.lookup":
+            raise
+        # Redis went away between the key check and the counter: a lookup still answers (a degraded miss)
+        _lookup_auth().failed()
     g.api_key = key
 
 
