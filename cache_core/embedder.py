@@ -452,8 +452,12 @@ def _export_in_subprocess(path: str, out: Path, *, opset: int) -> None:
     code = "import sys; from pathlib import Path; from cache_core.embedder import _export_into; " \
            "_export_into(sys.argv[1], Path(sys.argv[2]), opset=int(sys.argv[3]))"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, "-c", code, path, str(out), str(opset)], env=env, capture_output=True,
-                          text=True, timeout=600)
+    try:
+        done = subprocess.run([sys.executable, "-c", code, path, str(out), str(opset)], env=env, capture_output=True,
+                              text=True, timeout=600)
+    except (subprocess.TimeoutExpired, OSError) as exc:
+        raise EmbeddingError(f"the ONNX export did not finish: {exc}",
+                             hint="retry on a less loaded machine, or SEMCACHE_EMBEDDING_BACKEND=torch") from exc
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         if "ConfigError" in (done.stderr or ""):
@@ -560,9 +564,13 @@ def _quantize_in_subprocess(source: Path, out: Path, *, min_agreement: float) ->
 
     code = "import sys; from pathlib import Path; from cache_core.embedder import _quantize_into; " \
            "_quantize_into(Path(sys.argv[1]), Path(sys.argv[2]), min_agreement=float(sys.argv[3]))"
-    done = subprocess.run([sys.executable, "-c", code, str(source), str(out), repr(min_agreement)],
-                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, capture_output=True, text=True,
-                          timeout=600)
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(source), str(out), repr(min_agreement)],
+                              env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, capture_output=True, text=True,
+                              timeout=600)
+    except (subprocess.TimeoutExpired, OSError) as exc:
+        raise EmbeddingError(f"the int8 quantization did not finish: {exc}",
+                             hint="retry on a less loaded machine, or SEMCACHE_EMBEDDING_PRECISION=fp32") from exc
     if done.returncode != 0:
         stderr = done.stderr or ""
         tail = (stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]

@@ -212,3 +212,25 @@ def test_migrate_reembed_moves_an_fp32_index_to_int8(make_settings, redis_client
     assert hit[b"$.prompt"].decode() == prompts[1] and float(hit[b"d"]) < 0.005
     int8 = make_settings(index=fp32.index, embedding_backend="onnx", embedding_precision="int8")
     SemanticCache.open(int8).close()  # now accepted
+
+
+@pytest.mark.parametrize("failure", ["timeout", "no interpreter"])
+def test_a_quantizer_or_exporter_that_cannot_run_is_an_embedding_error(tmp_path, monkeypatch, failure):
+    """The seam is subprocess.run (the real child runs in the tests above): a child that hangs past its timeout or
+    cannot start is a clear EmbeddingError with what to do, not a traceback."""
+    import subprocess
+
+    from cache_core import embedder as mod
+
+    def broken(*args, **kwargs):
+        if failure == "timeout":
+            raise subprocess.TimeoutExpired(args[0], kwargs.get("timeout"))
+        raise FileNotFoundError("python3.11: not found")
+
+    monkeypatch.setattr(subprocess, "run", broken)
+    with pytest.raises(EmbeddingError) as info:
+        mod._quantize_in_subprocess(tmp_path / "src", tmp_path / "out", min_agreement=0.98)
+    assert "SEMCACHE_EMBEDDING_PRECISION=fp32" in (info.value.hint or "")
+    with pytest.raises(EmbeddingError) as info:
+        mod._export_in_subprocess("some-model", tmp_path / "out", opset=17)
+    assert "SEMCACHE_EMBEDDING_BACKEND=torch" in (info.value.hint or "")

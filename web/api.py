@@ -9,6 +9,7 @@ requests per minute (a counter in Redis, so it holds across server processes).
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import uuid
@@ -55,6 +56,7 @@ from .state import state
 
 __all__ = ["bp"]
 
+log = logging.getLogger(__name__)
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 _ID = re.compile(ID_PATTERN)
@@ -83,11 +85,15 @@ def _authenticate() -> None:
         return
     try:
         _rate_limit(key)
-    except BackendUnavailable:
+    except BackendUnavailable as exc:
         if request.endpoint != "api.lookup":
             raise
-        # Redis went away between the key check and the counter: a lookup still answers (a degraded miss)
-        _lookup_auth().failed()
+        # a lookup still answers when its counter cannot be counted: Redis went away between the key check and
+        # the counter (then it is known down for the breaker's cooldown), or refuses the write while reads work
+        # (out of memory, a read-only replica: only this request goes uncounted, other keys are not locked out)
+        if isinstance(exc.__cause__, (redis.ConnectionError, redis.TimeoutError)):
+            _lookup_auth().failed()
+        log.warning("lookup answered without its rate-limit count: %s", exc)
     g.api_key = key
 
 
