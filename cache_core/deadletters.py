@@ -57,8 +57,9 @@ def _keys(settings: Settings) -> tuple[str, str]:
 
 
 def _strip(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Drop embeddings (about 8 KB each as JSON): a replay embeds the prompt again."""
-    out = dict(kwargs)
+    """Drop embeddings (about 8 KB each as JSON, inline or packed by the write queue into ``embeddings``): a
+    replay embeds the prompt again."""
+    out = {k: v for k, v in kwargs.items() if k != "embeddings"}
     if isinstance(out.get("command"), dict):
         out["command"] = {k: v for k, v in out["command"].items() if k != "embedding"}
     if isinstance(out.get("commands"), list):

@@ -175,12 +175,6 @@ def ensure_index(client: redis.Redis, spec: IndexSpec) -> str:
         raise BackendUnavailable(f"Redis failed while checking the index: {exc}") from exc
 
 
-def _json_module_version(client: redis.Redis) -> str:
-    """The JSON module's version as ``major.minor.patch`` (``MODULE LIST`` ``ver`` 20803 -> ``2.8.3``), or
-    ``"unknown"`` where the server does not say (managed services may refuse ``MODULE LIST``)."""
-    return module_version(client, "ReJSON") or "unknown"
-
-
 def check_json_fpha(client: redis.Redis, settings: Settings) -> None:
     """Refuse ``SEMCACHE_JSON_FPHA`` (raise :class:`ConfigError`) unless the server accepts ``JSON.SET ... FPHA``.
 
@@ -192,9 +186,10 @@ def check_json_fpha(client: redis.Redis, settings: Settings) -> None:
     try:
         client.execute_command("JSON.SET", probe, "$", "[0.5]", "FPHA", settings.json_fpha)
     except redis.ResponseError as exc:
+        version = module_version(client, "ReJSON") or "unknown"  # managed services may refuse MODULE LIST
         raise ConfigError(
             f"SEMCACHE_JSON_FPHA={settings.json_fpha} needs a Redis whose JSON module accepts JSON.SET ... FPHA "
-            f"(Redis 8.8 or later); this server's JSON module is version {_json_module_version(client)} and "
+            f"(Redis 8.8 or later); this server's JSON module is version {version} and "
             f"answered: {exc}",
             hint="unset SEMCACHE_JSON_FPHA (SEMCACHE_EMBEDDING_STORAGE=int8 is the compact storage that works on "
             "every server), or upgrade to redis:8.8",

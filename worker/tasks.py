@@ -78,8 +78,6 @@ def _dead_letter(task: Task, kwargs: dict[str, Any], exc: BaseException, why: st
     from .app import runtime_of
 
     runtime = runtime_of(task.app)
-    # packed vectors go the way of inline ones (cache_core.deadletters strips those): a replay embeds again
-    kwargs = {k: v for k, v in kwargs.items() if k != "embeddings"}
     letter = DeadLetter(task=task.name, kwargs=kwargs, reason=f"{why}: {exc}"[:2000], error_type=type(exc).__name__,
                         retries=task.request.retries or 0, task_id=task.request.id, tenant=_tenant_of(kwargs))
     try:
