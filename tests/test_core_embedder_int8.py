@@ -99,7 +99,7 @@ def test_int8_through_settings_with_torch_fails_at_startup(make_settings):
 def test_int8_embedder_is_the_quantized_model_with_its_own_identity(int8_embedder, fp32_onnx_embedder):
     assert int8_embedder.name == "all-MiniLM-L6-v2+int8" and int8_embedder.precision == "int8"
     assert fp32_onnx_embedder.name == "all-MiniLM-L6-v2" and fp32_onnx_embedder.precision == "fp32"
-    assert int8_embedder.export_dir.name == fp32_onnx_embedder.export_dir.name + "-int8v1"
+    assert int8_embedder.export_dir.name == fp32_onnx_embedder.export_dir.name + "-int8v2"
     meta = json.loads((int8_embedder.export_dir / "export.json").read_text())
     assert meta["precision"] == "int8" and meta["agreement_bound"] == INT8_MIN_AGREEMENT
     assert meta["agreement_mean"] >= INT8_MIN_AGREEMENT and meta["agreement_samples"] >= 20
@@ -117,6 +117,46 @@ def test_int8_embedder_is_the_quantized_model_with_its_own_identity(int8_embedde
     # neighbours stay neighbours: a paraphrase is nearer than an unrelated prompt under int8 too
     p = int8_embedder.embed(["how can i reset my password", "what's the capital of australia"])
     assert float(p[0] @ a[0]) > float(p[1] @ a[0])
+
+
+def test_int8_graph_runs_each_matmul_as_one_integer_to_float_op_and_keeps_layer_norms_unfused(
+        int8_embedder, fp32_onnx_embedder, monkeypatch):
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    graph = onnx.load(str(int8_embedder.export_dir / "model.onnx")).graph
+    ops = collections.Counter(node.op_type for node in graph.node)
+    # every weight MatMul: MatMulIntegerToFloat then the token's scale; no MatMulInteger -> Cast -> Mul left over
+    assert ops["MatMulIntegerToFloat"] == 36 and ops["MatMulInteger"] == 0 and ops["DynamicQuantizeLinear"] == 0
+    assert ops["QuantizeLinear"] == 24  # one per distinct MatMul input (Q, K and V share theirs)
+    # the session leaves residual Add + LayerNormalization apart (onnxruntime's fused kernel is the slow one here):
+    # the runner asks for that at int8 only ...
+    real_session, asked = ort.InferenceSession, {}
+
+    def recording_session(path, *args, **kwargs):
+        asked[Path(path).parent.name] = kwargs.get("disabled_optimizers")
+        return real_session(path, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording_session)
+    for embedder in (int8_embedder, fp32_onnx_embedder):
+        embedder.set_num_threads(embedder._runner.threads)  # same threads; the session is made again when next used
+        embedder._encode(["make the session"])
+    assert asked == {int8_embedder.export_dir.name: ["SkipLayerNormFusion"], fp32_onnx_embedder.export_dir.name: None}
+    monkeypatch.undo()
+    # ... and onnxruntime then really keeps them apart
+    optimized = int8_embedder.export_dir.parent / "int8-optimized-check.onnx"
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(optimized)
+    options.log_severity_level = 3
+    from cache_core.embedder import _DISABLED_OPTIMIZERS
+
+    ort.InferenceSession(str(int8_embedder.export_dir / "model.onnx"), options, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=_DISABLED_OPTIMIZERS["int8"])
+    fused = collections.Counter(n.op_type for n in onnx.load(str(optimized), load_external_data=False).graph.node)
+    optimized.unlink()
+    assert fused["SkipLayerNormalization"] == 0 and fused["LayerNormalization"] >= 12
 
 
 def test_int8_vectors_do_not_depend_on_the_batch(int8_embedder):

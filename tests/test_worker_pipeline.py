@@ -240,3 +240,18 @@ def test_worker_results_and_logs_never_carry_the_prompt_or_response(celery_worke
     assert secret not in json.dumps(result.result)
     assert secret not in celery_worker.log_text()
     assert "4111 1111" not in celery_worker.log_text()
+
+
+def test_every_pool_process_runs_the_model_once_before_its_first_task(celery_worker):
+    """Each pool process makes its model session at start (in the background), not in the first task it gets."""
+    import re
+    import time
+
+    deadline = time.monotonic() + 60
+    while True:
+        ready = set(re.findall(r"pool process (\d+): model ready in \d+ ms", celery_worker.log_text()))
+        if len(ready) >= celery_worker.concurrency or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert len(ready) == celery_worker.concurrency, celery_worker.log_text()[-2000:]
+    assert "model warm-up failed" not in celery_worker.log_text()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
@@ -26,6 +27,8 @@ from .safety import SafetyPipeline
 __all__ = ["WorkerRuntime", "cache_url", "load_embedder_for"]
 
 log = logging.getLogger(__name__)
+
+_WARM_UP_PROMPT = "semcache worker warm-up"
 
 
 def cache_url(settings: Settings) -> str:
@@ -88,6 +91,20 @@ class WorkerRuntime:
         self._threads = self.settings.worker_model_threads or auto
         if self._embedder is not None:
             _set_threads(self._embedder, self._threads)
+            # off Celery's start-up path (a pool process must report ready within seconds); a task that comes
+            # first waits for the model's lock, as it would for its own first run
+            threading.Thread(target=self._warm_up, name="semcache-warm-up", daemon=True).start()
+
+    def _warm_up(self) -> None:
+        """Run the model once in this pool process, so that its first task does not pay for the start: the onnx
+        backend makes its session per process (about 0.16 s of CPU), then the first run sizes its buffers."""
+        start = time.perf_counter()
+        try:
+            self.embedder.embed([_WARM_UP_PROMPT])
+        except Exception as exc:  # noqa: BLE001 - the first task meets (and reports) the same problem
+            log.warning("pool process %d: model warm-up failed: %s", os.getpid(), exc)
+            return
+        log.info("pool process %d: model ready in %.0f ms", os.getpid(), 1000 * (time.perf_counter() - start))
 
 
 def load_embedder_for(settings: Settings) -> Embedder:
