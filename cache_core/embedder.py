@@ -16,7 +16,7 @@ Two backends run the same model (``SEMCACHE_EMBEDDING_BACKEND``):
 
 ``SEMCACHE_EMBEDDING_PRECISION=int8`` (onnx backend only, opt-in) runs a quantized copy of that export (int8 weights
 of every MatMul, per output channel; activations quantized per token; made once beside it by :func:`quantize_onnx`):
-2.1x more prompts per CPU second on one thread, at a mean cosine of 0.997 (min 0.962) to the fp32 vectors on all
+2.5-2.8x more prompts per CPU second on one thread, at a mean cosine of 0.997 (min 0.962) to the fp32 vectors on all
 CLINC150 texts, and a prompt's vector does not depend on its batch. Those are other vectors, so the precision is part
 of the embedder's name (``all-MiniLM-L6-v2+int8``), which the index metadata records: an index built at one
 precision refuses a process at the other until ``semcache index migrate --reembed``.
@@ -83,7 +83,10 @@ _EXPORT_FORMAT = 1  # bump when the export layout below changes: old exports are
 
 PRECISIONS = ("fp32", "int8")
 # Bump when the quantization recipe (_quantize_into) changes: the int8 model then lives in a new directory and is
-# made again. If its vectors change too, also give it a new identity in _model_name (the index must notice).
+# made again. If its vectors change beyond int8's own distance from fp32, also give it a new identity in _model_name
+# (the index must notice). Format 2 came with the unfused layer norms below, which moved int8 vectors by a mean
+# cosine of 0.9998 (0.987 at worst; int8 to fp32 is 0.997 / 0.962): same name, docs/performance.md says how to
+# re-embed.
 # 2: MatMulIntegerToFloat instead of MatMulInteger -> Cast -> Mul (faster; the same vectors as 1, to 3e-8).
 _INT8_FORMAT = 2
 # The int8 model is refused when its vectors agree with the fp32 export's by less than this mean cosine over
@@ -660,16 +663,18 @@ def _per_token_activations(model):
     ])  # fmt: skip
     producers = {out: node for node in graph.node for out in node.output}
     row_scale: dict[str, str] = {}  # quantized activation -> its per-token scale
-    replace: dict[str, list] = {}  # node name -> the nodes that take its place (none: removed)
+    # a node (by its first output: node names may be empty, tensor names are unique) -> the nodes that take its place
+    replace: dict[str, list] = {}
     for node in graph.node:
         if node.op_type != "DynamicQuantizeLinear":
             continue
-        x, (quantized, scale, _), p = node.input[0], node.output, node.name + "_pt"
+        x, (quantized, scale, _) = node.input[0], node.output
+        p = quantized + "_pt"
         matmuls = consumers[quantized]
         if not matmuls or any(m.op_type != "MatMulInteger" for m in matmuls):
-            raise EmbeddingError(f"unexpected graph after quantization at {node.name}")
+            raise EmbeddingError(f"unexpected graph after quantization at {node.name or quantized}")
         width = int(weights[matmuls[0].input[1]].dims[0])  # features per token: the block of one scale
-        replace[node.name] = [
+        replace[quantized] = [
             helper.make_node("Abs", [x], [p + "_abs"], name=p + "_abs"),
             helper.make_node("ReduceMax", [p + "_abs", "pt_last_axis"], [p + "_max"], name=p + "_max", keepdims=1),
             helper.make_node("Max", [p + "_max", "pt_eps"], [p + "_maxc"], name=p + "_maxc"),
@@ -687,21 +692,21 @@ def _per_token_activations(model):
             cast = after[0] if len(after) == 1 and after[0].op_type == "Cast" else None
             mul = consumers[cast.output[0]] if cast is not None else []
             if cast is None or len(mul) != 1 or mul[0].op_type != "Mul" or len(matmul.input) != 4:
-                raise EmbeddingError(f"unexpected graph after quantization at {matmul.name}")
+                raise EmbeddingError(f"unexpected graph after quantization at {matmul.name or matmul.output[0]}")
             mul = mul[0]
             scales = producers.get(next(i for i in mul.input if i != cast.output[0]))
             if scales is None or scales.op_type != "Mul" or scale not in scales.input:
-                raise EmbeddingError(f"unexpected graph after quantization at {mul.name}")
+                raise EmbeddingError(f"unexpected graph after quantization at {mul.name or mul.output[0]}")
             weight_scale = next(i for i in scales.input if i != scale)
             result = mul.output[0]
-            replace[matmul.name] = [
+            replace[matmul.output[0]] = [
                 helper.make_node("MatMulIntegerToFloat", [quantized, matmul.input[1], "pt_one", weight_scale,
                                                           "pt_zero_point", matmul.input[3]],
-                                 [result + "_pt_cols"], name=matmul.name + "_pt", domain="com.microsoft"),
-                helper.make_node("Mul", [result + "_pt_cols", row_scale[quantized]], [result], name=mul.name + "_pt"),
+                                 [result + "_pt_cols"], name=result + "_pt_cols", domain="com.microsoft"),
+                helper.make_node("Mul", [result + "_pt_cols", row_scale[quantized]], [result], name=result + "_pt"),
             ]  # fmt: skip
-            replace[cast.name] = replace[mul.name] = replace[scales.name] = []
-    nodes = [new for node in graph.node for new in replace.get(node.name, [node])]
+            replace[cast.output[0]] = replace[result] = replace[scales.output[0]] = []
+    nodes = [new for node in graph.node for new in replace.get(node.output[0], [node])]
     del graph.node[:]
     graph.node.extend(nodes)
     if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
@@ -794,11 +799,11 @@ class _OnnxRunner:
         return out if out is not None else np.empty((0, 0), dtype=np.float32)
 
 
-# onnxruntime graph rewrites left out, per precision. In the int8 graph onnxruntime fuses each residual Add with the
-# LayerNormalization after it into SkipLayerNormalization, whose CPU kernel took 12% of the time there (0.33 ms a
-# call against 0.04 for LayerNormalization): unfused, 1.16x more int8 prompts per CPU second (CLINC150, tasks of
-# 128; docs/performance.md "int8 embeddings"). Same agreement with fp32 (mean cosine 0.99713 either way); int8
-# vectors move by a mean cosine of 0.9998 against the fused run (a rounding step flips in a few tokens). The fp32
+# onnxruntime graph rewrites left out, per precision. In the int8 graph onnxruntime fuses six of the residual Adds
+# with the LayerNormalization after them into SkipLayerNormalization, whose CPU kernel took 12% of the time there
+# (0.33 ms a call against 0.04 for LayerNormalization): unfused, 1.16x more int8 prompts per CPU second (CLINC150,
+# tasks of 128; docs/performance.md "int8 embeddings"). Same agreement with fp32 (mean cosine 0.99713 either way);
+# int8 vectors move by a mean cosine of 0.9998 against the fused run (a rounding step flips in a few tokens). The fp32
 # graph is not fused so (and no rewrite left out there measured faster), so it keeps every rewrite.
 _DISABLED_OPTIMIZERS: dict[str, list[str]] = {"int8": ["SkipLayerNormFusion"]}
 _FEED_NAMES = ("input_ids", "attention_mask", "token_type_ids")

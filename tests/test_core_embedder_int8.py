@@ -274,3 +274,47 @@ def test_a_quantizer_or_exporter_that_cannot_run_is_an_embedding_error(tmp_path,
     with pytest.raises(EmbeddingError) as info:
         mod._export_in_subprocess("some-model", tmp_path / "out", opset=17)
     assert "SEMCACHE_EMBEDDING_BACKEND=torch" in (info.value.hint or "")
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_per_token_rewrite_handles_unnamed_nodes_and_shared_weights(tmp_path, named):
+    """The rewrite works on any quantized graph shape it accepts: nodes without names (ONNX allows them), two
+    MatMuls sharing one weight, a MatMul whose result is read twice. Each row's result must not depend on its
+    batch mates (the point of per-token scales) and stay close to the float model."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from cache_core.embedder import _per_token_activations
+
+    rng = np.random.default_rng(7)
+
+    def weight(name, shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    def node(op, inputs, outputs):
+        return helper.make_node(op, inputs, outputs, **({"name": f"n_{outputs[0]}"} if named else {}))
+
+    graph = helper.make_graph(
+        [node("MatMul", ["x", "W"], ["a"]), node("MatMul", ["x", "W"], ["c"]), node("Relu", ["a"], ["r"]),
+         node("Add", ["a", "r"], ["h"]), node("Add", ["h", "c"], ["h2"]), node("MatMul", ["h2", "W2"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight("W", [16, 8]), weight("W2", [8, 4])],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "f.onnx"))
+    quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType.QInt8,
+                     per_channel=True, op_types_to_quantize=["MatMul"])
+    onnx.save(_per_token_activations(onnx.load(str(tmp_path / "q.onnx"))), str(tmp_path / "r.onnx"))
+
+    x = rng.standard_normal((3, 5, 16)).astype(np.float32)
+    x[1] *= 40.0  # a loud batch mate: a per-tensor scale would crush the quiet rows
+    ref = ort.InferenceSession(str(tmp_path / "f.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    quantized = ort.InferenceSession(str(tmp_path / "r.onnx"), providers=["CPUExecutionProvider"])
+    got = quantized.run(None, {"x": x})[0]
+    for row in range(3):
+        alone = quantized.run(None, {"x": x[row:row + 1]})[0][0]
+        np.testing.assert_allclose(alone, got[row], rtol=1e-6, atol=1e-6)
+        assert np.abs(got[row] - ref[row]).max() <= 0.05 * np.abs(ref[row]).max()
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "r.onnx")).graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 3 and "MatMulInteger" not in ops and "Cast" not in ops

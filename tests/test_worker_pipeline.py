@@ -242,16 +242,41 @@ def test_worker_results_and_logs_never_carry_the_prompt_or_response(celery_worke
     assert "4111 1111" not in celery_worker.log_text()
 
 
-def test_every_pool_process_runs_the_model_once_before_its_first_task(celery_worker):
+def test_every_live_pool_process_has_warmed_its_model(celery_worker):
     """Each pool process makes its model session at start (in the background), not in the first task it gets."""
     import re
     import time
 
+    stats = celery_worker.app.control.inspect(destination=[celery_worker.hostname], timeout=10).stats() or {}
+    pids = {str(pid) for pid in stats[celery_worker.hostname]["pool"]["processes"]}
+    assert len(pids) == celery_worker.concurrency
     deadline = time.monotonic() + 60
     while True:
         ready = set(re.findall(r"pool process (\d+): model ready in \d+ ms", celery_worker.log_text()))
-        if len(ready) >= celery_worker.concurrency or time.monotonic() > deadline:
+        if pids <= ready or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert len(ready) == celery_worker.concurrency, celery_worker.log_text()[-2000:]
+    assert pids <= ready, celery_worker.log_text()[-2000:]
     assert "model warm-up failed" not in celery_worker.log_text()
+
+
+def test_a_failing_warm_up_is_logged_and_leaves_the_process_running(worker_settings, redis_url, caplog):
+    import threading
+
+    from worker.runtime import WorkerRuntime
+
+    class BrokenEmbedder:
+        dim, name = 384, "broken"
+
+        def embed(self, texts):
+            raise RuntimeError("model file unreadable")
+
+    runtime = WorkerRuntime(worker_settings, redis_url=redis_url, embedder=BrokenEmbedder())
+    with caplog.at_level(logging.INFO, logger="worker.runtime"):
+        runtime.after_fork(2)  # what Celery's worker_process_init calls in each pool process
+        for thread in threading.enumerate():
+            if thread.name == "semcache-warm-up":
+                thread.join(10)
+    assert any("model warm-up failed: model file unreadable" in r.getMessage() for r in caplog.records)
+    assert not any("model ready" in r.getMessage() for r in caplog.records)
+    assert runtime.client.ping()  # the process's collaborators still work
