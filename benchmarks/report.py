@@ -86,6 +86,20 @@ def _pyplot():
     return plt
 
 
+def comparison_title(result: dict[str, Any]) -> str:
+    """The plot's title: the workload, and whether semcache ran the model at another precision than RedisVL.
+
+    >>> comparison_title({"workload": {"entries": 2, "lookups": 3, "repeat_fraction": 0.3, "threshold": 0.9},
+    ...                   "semcache": {"config": {"embedding_precision": "int8"}}})
+    'semcache vs RedisVL SemanticCache: 2 entries, 3 lookups (30% repeats), ..., same model (semcache at int8)'
+    """
+    w = result.get("workload", {})
+    precision = (result.get("semcache", {}).get("config") or {}).get("embedding_precision", "fp32")
+    model = "same Redis and model" if precision == "fp32" else f"same Redis, same model (semcache at {precision})"
+    return (f"semcache vs RedisVL SemanticCache: {w.get('entries')} entries, {w.get('lookups')} lookups "
+            f"({w.get('repeat_fraction', 0):.0%} repeats), similarity {w.get('threshold')}, {model}")
+
+
 def plot_comparison(result: dict[str, Any], path: Path) -> Path:
     """Four panels: lookup latency, lookups/s, store entries/s, bytes per entry (semcache beside RedisVL)."""
     plt = _pyplot()
@@ -119,9 +133,7 @@ def plot_comparison(result: dict[str, Any], path: Path) -> Path:
         ax.set_xticks(range(len(keys)), [label for label, _ in keys])
         ax.set_ylabel(ylabel)
         ax.set_title(title)
-    w = result.get("workload", {})
-    fig.suptitle(f"semcache vs RedisVL SemanticCache: {w.get('entries')} entries, {w.get('lookups')} lookups "
-                 f"({w.get('repeat_fraction', 0):.0%} repeats), similarity {w.get('threshold')}, same Redis and model")
+    fig.suptitle(comparison_title(result))
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 MODULES = ["cache_core.schema", "cache_core.settings", "cache_core.celeryconf", "cache_core.testing",
-           "cache_core.policy", "web.inflight"]
+           "cache_core.policy", "web.inflight", "benchmarks.report"]
 
 
 @pytest.mark.parametrize("module", MODULES)
