@@ -123,7 +123,7 @@ def _start_worker(sc: SemcacheSystem, opts: BenchOptions, url: str, work_dir: Pa
     try:
         runner.start()
         warm = [(f"warm-up prompt number {i} about nothing", "warm") for i in range(64)]
-        runner.store(sc.cache.handle.writer(), sc.index_name, warm, "bench-warmup")  # every pool process loads
+        runner.store(sc.cache.handle.writer(), sc.index_name, warm, "bench-warmup")  # connections, first write
         sc.drop_tenant("bench-warmup")
         return runner
     except Exception as exc:  # noqa: BLE001

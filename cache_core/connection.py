@@ -166,18 +166,17 @@ def check_union_reply(reply: object, *, server: str) -> None:
 
 
 def _union_value(reply: object) -> str | None:
-    """The ``view`` attribute of the first result of an ``FT.SEARCH`` reply, or None."""
+    """The ``view`` attribute of the first result of an ``FT.SEARCH`` reply, or None (read as the read path reads
+    its KNN replies: :func:`cache_core.query._knn_rows`)."""
+    from .query import _attr, _knn_rows  # query imports this module: import here
+
     try:
-        if isinstance(reply, dict):
-            results = reply.get(b"results", reply.get("results")) or []
-            attrs = results[0].get(b"extra_attributes", results[0].get("extra_attributes")) or {}
-        else:
-            values = list(reply)[2]  # [total, key, [name, value, ...], ...]
-            attrs = dict(zip(values[::2], values[1::2]))
-        value = attrs.get(_UNION_AS.encode(), attrs.get(_UNION_AS))
+        for _, attrs in _knn_rows(reply):
+            value = _attr(attrs, _UNION_AS)
+            return None if value is None else text(value)
     except (AttributeError, IndexError, KeyError, TypeError):
-        return None
-    return None if value is None else text(value)
+        pass
+    return None
 
 
 def _server_version(client: redis.Redis) -> str:
