@@ -2,7 +2,7 @@
 
 - The worker's whole process group is SIGKILLed in the middle of a batch of writes; after a restart every command
   is written exactly once (keys and audit records counted): redelivered messages find their task id in the
-  document and write nothing.
+  document and write nothing. Only the one message being popped at the kill may be lost, and then not written.
 - The cache's Redis (also the broker) is restarted on the same port and data dir under a working worker: tasks
   fail, retry with backoff, and complete; again every command is written exactly once. The restart is a shutdown
   (SIGTERM, the append-only file written out); what a SIGKILL of Redis can lose is described in docs/worker.md.
@@ -47,23 +47,6 @@ def _wait_for_writes(client, settings, tenant: str, at_least: int, timeout: floa
     raise AssertionError(f"fewer than {at_least} writes after {timeout}s")
 
 
-def _wait_all(results: list, worker, timeout: float = 300) -> None:
-    """Wait until every task has a result; on a timeout, say where the missing ones are."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not all(r.ready() for r in results):
-        time.sleep(0.25)
-    pending = [r for r in results if not r.ready()]
-    if pending:
-        broker = make_client(worker.settings.broker_url, timeout_ms=5000)
-        where = (f"queue {broker.llen('celery')}, unacknowledged {broker.zcard('unacked_index')}, "
-                 f"states {sorted({r.state for r in pending})}")
-        broker.close()
-        raise AssertionError(f"{len(pending)} task(s) without a result after {timeout}s ({where})\n"
-                             f"{worker.log_text()[-3000:]}")
-    failed = [r for r in results if r.state != "SUCCESS"]
-    assert not failed, [(r.state, str(r.result)[:200]) for r in failed]
-
-
 def _wait_all_but_lost(results: list, worker, quiet_s: float, timeout: float = 300) -> list:
     """Wait until every task has a result, or until nothing has finished for ``quiet_s`` while the broker holds
     nothing for the worker (no message queued or unacknowledged): the tasks still without a result then are lost.
@@ -100,14 +83,14 @@ def _broker_holds_work(broker) -> bool:
     return False
 
 
-def _commands_of(result, results: list, commands: list[dict]) -> list[dict]:
-    """The commands that ``_send`` put in the task of ``result``."""
+def _commands_of(result, results: list, commands: list[dict], *, batched: int = 40, batch: int = 10) -> list[dict]:
+    """The commands that ``_send`` (with the same ``batched`` and ``batch``) put in the task of ``result``."""
     i = results.index(result)
-    singles = len(commands) - 40
+    singles = len(commands) - batched
     if i < singles:
         return [commands[i]]
-    start = singles + (i - singles) * 10
-    return commands[start : start + 10]
+    start = singles + (i - singles) * batch
+    return commands[start : start + batch]
 
 
 def _assert_exactly_once(client, settings, tenant: str, commands: list[dict]) -> None:
@@ -133,9 +116,13 @@ def test_sigkill_of_the_worker_mid_batch_writes_every_command_exactly_once(make_
     at_kill = len(audit_writes(redis_client, worker.settings, tenant))
     assert written <= at_kill < len(commands), "the kill must land in the middle of the batch"
     worker.start()
-    _wait_all(results, worker)
-    _assert_exactly_once(redis_client, worker.settings, tenant, commands)
-    outcomes = [r.result.get("outcome") for r in results if "outcome" in r.result]
+    # the killed worker's main process may have been between kombu's BRPOP of a message and recording it as
+    # unacknowledged (docs/guarantees.md): at most that one task is lost, and its commands are not written at all
+    lost = _wait_all_but_lost(results, worker, quiet_s=30)
+    assert len(lost) <= 1, f"{len(lost)} tasks lost"
+    lost_commands = [c for r in lost for c in _commands_of(r, results, commands)]
+    _assert_exactly_once(redis_client, worker.settings, tenant, [c for c in commands if c not in lost_commands])
+    outcomes = [r.result.get("outcome") for r in results if r.ready() and "outcome" in r.result]
     assert set(outcomes) <= {"written", "duplicate"}
 
 
@@ -154,7 +141,8 @@ def test_redis_restart_under_the_worker_tasks_retry_with_backoff_and_complete(tm
         # are inside a batch (~0.1 s each). With one-command tasks only (~10 ms each with a warm model) it could
         # land while both waited for their next message, and then no task met the outage at all.
         commands = _commands(tenant, 160)
-        results = _send(worker.app, commands, batched=140, batch=20)
+        layout = {"batched": 140, "batch": 20}
+        results = _send(worker.app, commands, **layout)
         _wait_for_writes(client, worker.settings, tenant, 20)
         server.stop()  # SIGTERM: Redis writes its append-only file and drops every connection
         time.sleep(3)
@@ -167,7 +155,7 @@ def test_redis_restart_under_the_worker_tasks_retry_with_backoff_and_complete(tm
         # a server that stops between the two loses that one message (docs/guarantees.md). At most the message in
         # that window may be lost, and a lost command is not written at all (never half, never twice).
         assert len(lost) <= 1, f"{len(lost)} tasks lost"
-        lost_commands = [c for r in lost for c in _commands_of(r, results, commands)]
+        lost_commands = [c for r in lost for c in _commands_of(r, results, commands, **layout)]
         kept = [c for c in commands if c not in lost_commands]
         _assert_exactly_once(client, worker.settings, tenant, kept)
         retried = [r.result for r in results if r.ready() and r.result.get("retries")]
