@@ -137,6 +137,21 @@ class Settings(BaseSettings):
         0.2, ge=0.0, le=2.0, description="consensus policy: a competing neighbour counts fully when as similar as "
         "the served entry and not at all when this much less similar (0: by its weight alone).",
     )
+    # --- judge-verified answer groups, formed by the worker (docs/quality.md "Free-text answers") ----------------
+    judge: Literal["off", "llm", "cross-encoder", "embedding"] = Field(
+        "off", description="Who decides, off the request path, whether a gray-zone neighbour's answer also "
+        "answers a new entry's prompt (yes: the entry joins the neighbour's answer group): off, llm (an "
+        "OpenAI-compatible chat endpoint), cross-encoder (a sentence-transformers CrossEncoder) or embedding "
+        "(response vectors; measured weak).",
+    )
+    judge_min_similarity: float = Field(
+        0.5, ge=-1.0, le=1.0, description="Neighbours at least this similar to a new entry's prompt are asked about "
+        "(the gray zone below the serving threshold).",
+    )
+    judge_max_groups: int = Field(
+        2, ge=0, le=8, description="At most this many distinct neighbouring answer groups are asked about per new "
+        "entry (nearest first; the first yes wins).",
+    )
     feedback_window_s: int = Field(
         3600, ge=0, le=30 * 24 * 3600, description="How long after a hit its lookup_id can be rated (the read path "
         "logs hits this long, off the hot path); 0: no log, no feedback.",
