@@ -315,7 +315,8 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
     raw = request.args.get(name)
     if raw in (None, ""):
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    # ASCII digits only (issue 15): str.isdigit() is True for "²", which int() refuses (a 500), and int("٣") is 3
+    if not (raw.isascii() and raw.isdigit()) or not low <= int(raw) <= high:
         raise ApiError(400, f"{name}: an integer from {low} to {high}", code="invalid_input", field=name)
     return int(raw)
 
