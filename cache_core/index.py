@@ -141,6 +141,15 @@ def differences(spec: IndexSpec, info: Any) -> list[str]:
                 problems.append(f"distance metric is {got['distance_metric']}, expected COSINE")
         if kind == "TAG" and "CASESENSITIVE" in options and got["casesensitive"] != "True":
             problems.append(f"tag {attribute!r} is not CASESENSITIVE")
+    # Issue 15: a scope tag the live index has and the settings no longer declare. The read path would stop
+    # filtering on it, so entries written with different values of it (region=eu, region=us) would answer each
+    # other's callers: the boundary would disappear without a word.
+    expected = {attribute for _, attribute, _, _ in spec.attributes()}
+    for attribute, got in sorted(live.items()):
+        if attribute not in expected and got["identifier"].startswith(f"$.{Fields.TAGS}."):
+            problems.append(f"extra scope field {attribute!r} is in the live index but not in "
+                            f"SEMCACHE_EXTRA_SCOPE_FIELDS: entries written with it would match callers of any "
+                            f"{attribute}")
     return problems
 
 
@@ -218,12 +227,16 @@ def verify_index(client: redis.Redis, spec: IndexSpec, name: str | None = None) 
     if meta.get("schema_version") and meta["schema_version"] != str(SCHEMA_VERSION):
         problems.append(f"documents have schema version {meta['schema_version']}, this code expects {SCHEMA_VERSION}")
     if problems:
+        hint = ("run `semcache index migrate --reembed` to re-embed every entry with this model into a new index "
+                "and swap the alias (or go back to the settings the index was built with)" if model_changed else
+                "run `semcache index migrate` to build a matching index beside it and swap the alias "
+                "(add --reembed when the model changed)")
+        if any(p.startswith("extra scope field") for p in problems):
+            hint = ("declare the field again in SEMCACHE_EXTRA_SCOPE_FIELDS, or, to drop that boundary on purpose "
+                    "(entries of every value of it then answer each other's callers), " + hint)
         raise IndexMismatch(
             f"index {name} (alias {alias_name(settings)}) does not match this configuration: " + "; ".join(problems),
-            hint="run `semcache index migrate --reembed` to re-embed every entry with this model into a new index "
-            "and swap the alias (or go back to the settings the index was built with)" if model_changed else
-            "run `semcache index migrate` to build a matching index beside it and swap the alias "
-            "(add --reembed when the model changed)",
+            hint=hint,
         )
 
 
