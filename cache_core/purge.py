@@ -13,20 +13,21 @@ touched, whatever the filter says.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any, Callable
 
 import redis
 
 from .connection import text
-from .errors import BackendUnavailable, IndexMismatch
+from .errors import BackendUnavailable, IndexMismatch, InvalidInput
 from .index import alias_name
 from .query import entry_filter_query
 from .settings import Settings
 from .store import delete_entries
 from .tasks import EntryFilter, PurgeCommand
 
-__all__ = ["purge", "count_matching", "matching_ids"]
+__all__ = ["purge", "count_matching", "matching_ids", "has_words", "check_text_filter"]
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,26 @@ def _parse(reply: Any) -> tuple[int, list[str]]:
     return int(items[0]), [text(k) for k in items[1:]]
 
 
+def has_words(text: str) -> bool:
+    """Whether a text filter has a word the index can match (the query keeps only ``\\w+`` runs of it).
+
+    >>> has_words("reset password?"), has_words("!!!"), has_words(" -- ")
+    (True, False, False)
+    """
+    return re.search(r"\w", text) is not None
+
+
+def check_text_filter(flt: EntryFilter | None) -> None:
+    """Refuse a text filter without a word: the query drops it, so it would select every entry (issue 15)."""
+    if flt is not None and flt.text is not None and not has_words(flt.text):
+        raise InvalidInput("filter.text: give at least one letter or digit; punctuation alone matches every entry",
+                           field="filter.text")
+
+
 def count_matching(client: redis.Redis, settings: Settings, flt: EntryFilter, *, tenant: str | None = None,
                    now: float | None = None) -> int:
     """How many entries a filter selects (the preview count of a purge)."""
+    check_text_filter(flt)
     query, params = entry_filter_query(flt, settings.extra_scope_fields, now=now, tenant=tenant)
     return _search(client, settings, query, params, 0)[0]
 
@@ -75,6 +93,7 @@ def count_matching(client: redis.Redis, settings: Settings, flt: EntryFilter, *,
 def matching_ids(client: redis.Redis, settings: Settings, flt: EntryFilter, *, tenant: str | None = None,
                  limit: int = 100, now: float | None = None) -> list[str]:
     """The ids of (at most ``limit``) entries a filter selects."""
+    check_text_filter(flt)
     query, params = entry_filter_query(flt, settings.extra_scope_fields, now=now, tenant=tenant)
     return _search(client, settings, query, params, limit)[1]
 
@@ -99,6 +118,7 @@ def purge(client: redis.Redis, settings: Settings, command: PurgeCommand, *, pro
             if progress:
                 progress(min(start + batch, total), total)
     else:
+        check_text_filter(command.filter)
         query, params = entry_filter_query(command.filter, settings.extra_scope_fields, now=now,
                                            tenant=command.tenant)
         total, ids = _search(client, settings, query, params, batch)

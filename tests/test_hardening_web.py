@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from .fixtures_web import csrf_of, login
+from cache_core.connection import make_client, with_db
+from cache_core.errors import InvalidInput
+from cache_core.tasks import EntryFilter, PurgeCommand
+
+from .fixtures_web import UNCONSUMED, csrf_of, login, unique_tenant
 
 
 # --- item 5: unicode digits in query strings ---------------------------------------------------------------------
@@ -28,3 +32,32 @@ def test_ui_page_numbers_take_only_ascii_digits(ui_client, path, value):
     for name in ("page", "per_page"):
         response = ui_client.get(path, query_string={name: value})
         assert response.status_code == 200, (name, response.status_code)
+
+
+# --- item 11: a purge whose text filter is only punctuation --------------------------------------------------------
+@pytest.mark.parametrize("text", ["!!!", "?", " -- ", "*", "@#$%"])
+def test_a_purge_whose_text_filter_is_only_punctuation_is_refused(ui_client, seed, web_settings, redis_client, text):
+    """Punctuation has no words, so the query dropped the text clause and the filter matched every entry."""
+    tenants = [unique_tenant(), unique_tenant()]
+    for tenant in tenants:
+        seed("a question that must survive", tenant=tenant)
+    broker = make_client(with_db(web_settings.redis_url, 1), timeout_ms=5000)
+    before = broker.llen(UNCONSUMED)
+    preview = ui_client.post("/purge/preview", data={"csrf_token": ui_client.csrf, "q": text})
+    assert preview.status_code == 302, "the preview offered to purge every entry"
+    page = ui_client.get(preview.headers["Location"]).get_data(as_text=True)
+    assert "letter or digit" in page
+    run = ui_client.post("/purge/run", data={"csrf_token": ui_client.csrf, "mode": "filter", "confirm": "yes",
+                                             "q": text})
+    assert run.status_code == 302 and "/purge/tasks/" not in run.headers["Location"]
+    assert broker.llen(UNCONSUMED) == before  # no purge task was sent
+    # the worker's side refuses it too (a command sent by an older web, or by hand)
+    from cache_core.purge import count_matching, purge
+
+    command = PurgeCommand(filter=EntryFilter(text=text), mode="filter", by="test")
+    with pytest.raises(InvalidInput) as refused:
+        purge(redis_client, web_settings, command)
+    assert refused.value.field == "filter.text"
+    with pytest.raises(InvalidInput):
+        count_matching(redis_client, web_settings, EntryFilter(text=text))
+    assert count_matching(redis_client, web_settings, EntryFilter(text=f"{text} survive")) >= 2  # words still work

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 from pydantic import ValidationError
 
+from cache_core.purge import has_words
 from cache_core.schema import Status
 from cache_core.tasks import EntryFilter
 
@@ -57,7 +58,11 @@ def filter_from(source: Mapping[str, Any]) -> tuple[EntryFilter, dict[str, str],
     if values["flags"]:
         data["flags"] = [f.strip() for f in values["flags"].split(",") if f.strip()]
     if values["q"]:
-        data["text"] = values["q"][:500]
+        if has_words(values["q"]):
+            data["text"] = values["q"][:500]
+        else:  # issue 15: the query keeps only words, so "!!!" was no filter at all (a purge of everything)
+            problems.append("search: give at least one letter or digit (punctuation alone matches every entry)")
+            values["q"] = ""
     for name, key, end in (("created_from", "created_after", False), ("created_to", "created_before", True)):
         if values[name]:
             try:
