@@ -152,6 +152,37 @@ class Settings(BaseSettings):
         2, ge=0, le=8, description="At most this many distinct neighbouring answer groups are asked about per new "
         "entry (nearest first; the first yes wins).",
     )
+    judge_url: str | None = Field(
+        None, description="judge=llm: OpenAI-compatible base URL the judge posts <url>/chat/completions to. Unset: "
+        "SEMCACHE_UPSTREAM_URL (the proxy's upstream).",
+    )
+    judge_api_key: str | None = Field(None, description="judge=llm: bearer key of the judge. Unset: "
+                                      "SEMCACHE_UPSTREAM_API_KEY.")
+    judge_model: str = Field("", max_length=200, description="judge=llm: the chat model asked (required with llm).")
+    judge_timeout_ms: int = Field(
+        10_000, ge=1, le=600_000, description="judge=llm: how long one question may take (connect, send, wait for "
+        "the answer, each) before it counts as no verdict.",
+    )
+    judge_budget_per_minute: int = Field(
+        600, ge=1, le=1_000_000, description="judge=llm: questions per minute, shared by every worker process (a "
+        "Redis counter); beyond it an entry keeps its own group without asking.",
+    )
+    judge_concurrency: int = Field(
+        4, ge=1, le=64, description="judge=llm: questions one worker process asks at once while writing a batch.",
+    )
+    judge_cross_encoder_model: str = Field(
+        "", max_length=1000, description="judge=cross-encoder: a sentence-transformers CrossEncoder (one score per "
+        "pair) by name or path, loaded offline (required with cross-encoder).",
+    )
+    judge_cross_encoder_threshold: float = Field(
+        0.5, ge=-1000.0, le=1000.0, description="judge=cross-encoder: a score above this is a yes. Scores are what "
+        "CrossEncoder.predict returns with the model's own activation: a probability in [0, 1] for the usual "
+        "one-label model (sigmoid), a logit for a model saved with an identity activation.",
+    )
+    judge_embedding_threshold: float = Field(
+        0.9, ge=-1.0, le=1.0, description="judge=embedding: cosine similarity of the two answers' embeddings at or "
+        "above which they count as the same answer (measured weak, see docs/quality.md).",
+    )
     feedback_window_s: int = Field(
         3600, ge=0, le=30 * 24 * 3600, description="How long after a hit its lookup_id can be rated (the read path "
         "logs hits this long, off the hot path); 0: no log, no feedback.",

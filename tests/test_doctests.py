@@ -6,7 +6,8 @@ import importlib
 import pytest
 
 MODULES = ["cache_core.schema", "cache_core.settings", "cache_core.celeryconf", "cache_core.testing",
-           "cache_core.policy", "web.inflight", "benchmarks.report"]
+           "cache_core.policy", "web.inflight", "benchmarks.report", "cache_core.judge", "cache_core.judge_llm",
+           "worker.judging"]
 
 
 @pytest.mark.parametrize("module", MODULES)
