@@ -22,7 +22,7 @@ import secrets
 import time
 
 import redis
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .connection import text
 from .errors import BackendUnavailable, InvalidInput
@@ -45,6 +45,14 @@ class ApiKey(BaseModel):
     name: str = Field("", max_length=200)
     created_at: float
     hash: str = Field("", repr=False, exclude=True)
+
+    @model_validator(mode="after")
+    def _tenant_or_admin(self) -> "ApiKey":
+        # issue 15: a stored record with neither (by hand, or by an older version) was read as "no tenant bound",
+        # which the API takes for "every tenant"; such a record is invalid, so the key is refused (401)
+        if self.admin == (self.tenant is not None):
+            raise ValueError("a key is either bound to one tenant or an admin key")
+        return self
 
     @property
     def label(self) -> str:

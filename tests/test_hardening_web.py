@@ -61,3 +61,31 @@ def test_a_purge_whose_text_filter_is_only_punctuation_is_refused(ui_client, see
     with pytest.raises(InvalidInput):
         count_matching(redis_client, web_settings, EntryFilter(text=text))
     assert count_matching(redis_client, web_settings, EntryFilter(text=f"{text} survive")) >= 2  # words still work
+
+
+# --- item 14: a non-admin key without a tenant -------------------------------------------------------------------
+def test_a_stored_key_with_neither_tenant_nor_admin_is_refused(client, web_app, seed):
+    """create_key never makes one, but a record stored by hand or by an older version had ``tenant: null`` and
+    ``admin: false``; the API took "no tenant" as "every tenant" and listed, counted and purged all of them."""
+    import hashlib
+    import json
+    import secrets
+    import time
+
+    from cache_core.apikeys import verify_key
+
+    st = web_app.extensions["semcache"]
+    victim = unique_tenant("victim")
+    seed("a private question of the victim", tenant=victim)
+    key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+    record = {"id": key_id, "tenant": None, "admin": False, "name": "hand-made", "created_at": time.time(),
+              "hash": hashlib.sha256(f"{key_id}:{secret}".encode()).hexdigest()}
+    st.redis.hset(st.settings.key("apikeys"), key_id, json.dumps(record))
+    headers = {"Authorization": f"Bearer sc_{key_id}_{secret}"}
+    listing = client.get("/api/v1/entries", headers=headers)
+    assert listing.status_code == 401, listing.get_json()
+    assert client.get("/api/v1/stats", headers=headers).status_code == 401
+    assert client.post("/api/v1/purge", headers=headers, json={"scope": {"locale": "en"}}).status_code == 401
+    assert client.post("/api/v1/lookup", headers=headers,
+                       json={"prompt": "a private question of the victim"}).status_code == 401
+    assert verify_key(st.redis, st.settings, f"sc_{key_id}_{secret}") is None

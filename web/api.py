@@ -198,6 +198,8 @@ def _entry_id(value: str) -> str:
 
 def _tenant_bound() -> str | None:
     key = _key()
+    if not key.admin and not key.tenant:  # never "every tenant" for a non-admin key (ApiKey refuses such records)
+        raise ApiError(403, "this API key is bound to no tenant", code="forbidden")
     return None if key.admin else key.tenant
 
 
