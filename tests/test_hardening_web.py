@@ -89,3 +89,38 @@ def test_a_stored_key_with_neither_tenant_nor_admin_is_refused(client, web_app, 
     assert client.post("/api/v1/lookup", headers=headers,
                        json={"prompt": "a private question of the victim"}).status_code == 401
     assert verify_key(st.redis, st.settings, f"sc_{key_id}_{secret}") is None
+
+
+# --- item 12: PII in logs and in Celery headers ------------------------------------------------------------------
+def _raw_messages(settings) -> list[dict]:
+    import json
+
+    broker = make_client(with_db(settings.redis_url, 1), timeout_ms=5000)
+    try:
+        return [json.loads(raw) for raw in broker.lrange(UNCONSUMED, 0, -1)]
+    finally:
+        broker.close()
+
+
+def test_task_headers_carry_a_summary_not_the_prompt(client, api_headers, web_settings, seed):
+    """Celery puts ``repr(kwargs)`` (up to 1 KB) in ``kwargsrepr``: headers that monitoring tools and the worker's
+    own log lines show. Every task the web sends carries a summary instead."""
+    tenant = unique_tenant()
+    headers = api_headers(tenant)
+    secret = "jane.doe@example.com card 4111 1111 1111 1111"
+    write = client.post("/api/v1/entries", headers=headers,
+                        json={"prompt": f"My address is {secret}, what now?", "response": f"noted {secret}"})
+    assert write.status_code == 202
+    entry = seed(f"stored {secret}", tenant=tenant)
+    delete = client.delete(f"/api/v1/entries/{entry}", headers=headers)
+    assert delete.status_code == 202
+    purge = client.post("/api/v1/purge", headers=headers, json={"scope": {"locale": "en"}})
+    assert purge.status_code == 202
+    sent = {write.get_json()["task_id"], delete.get_json()["task_id"], purge.get_json()["task_id"]}
+    found = {m["headers"]["id"]: m["headers"] for m in _raw_messages(web_settings) if m["headers"]["id"] in sent}
+    assert set(found) == sent
+    for header in found.values():
+        shown = f"{header.get('argsrepr')} {header.get('kwargsrepr')}"
+        assert "jane.doe" not in shown and "4111" not in shown and tenant not in shown, shown
+        assert len(shown) < 200
+    assert "1 write" in found[write.get_json()["task_id"]]["kwargsrepr"]

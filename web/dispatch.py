@@ -22,7 +22,7 @@ from cache_core.celeryconf import shared_config
 from cache_core.errors import BackendUnavailable
 from cache_core.settings import Settings
 
-__all__ = ["make_celery_client", "send_task", "task_record", "task_status", "TASK_RECORD_TTL_S"]
+__all__ = ["make_celery_client", "send_task", "task_record", "task_status", "kwargs_summary", "TASK_RECORD_TTL_S"]
 
 TASK_RECORD_TTL_S = 24 * 3600  # as long as Celery keeps results (result_expires defaults to one day)
 
@@ -76,6 +76,37 @@ def _record_key(settings: Settings, task_id: str) -> str:
     return settings.key(f"webtask:{task_id}")
 
 
+_SHOWN = {"mode", "status", "kind", "correct"}  # values that are never user text
+_ID_CHARS = set("0123456789abcdef")
+
+
+def _shown(value: Any, name: str = "") -> str:
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        is_id = len(value) == 32 and set(value) <= _ID_CHARS  # entry and lookup ids name no one
+        return repr(value) if (name in _SHOWN and len(value) <= 32) or is_id else f"<{len(value)} chars>"
+    if isinstance(value, list):
+        return f"<{len(value)} items>"
+    if isinstance(value, dict):
+        if name == "command" and "prompt" in value:
+            return "<1 write>"
+        return f"<{len(value)} fields>"
+    return f"<{type(value).__name__}>"
+
+
+def kwargs_summary(kwargs: dict[str, Any]) -> str:
+    """What a task's message headers show of its arguments: ids, modes and sizes, never prompts, answers, tenants or
+    filters (Celery would put ``repr(kwargs)``, up to 1 KB of them, in the ``kwargsrepr`` header; issue 15).
+
+    >>> kwargs_summary({"command": {"prompt": "my e-mail is a@b.c", "response": "ok"}})
+    "{'command': <1 write>}"
+    >>> kwargs_summary({"ids": ["0" * 32], "mode": "ids", "tenant": "acme", "reason": "api delete"})
+    "{'ids': <1 items>, 'mode': 'ids', 'tenant': <4 chars>, 'reason': <10 chars>}"
+    """
+    return "{" + ", ".join(f"{name!r}: {_shown(value, name)}" for name, value in kwargs.items()) + "}"
+
+
 def send_task(celery: Celery, client: redis.Redis, settings: Settings, name: str, kwargs: dict[str, Any], *,
               owner: str, tenant: str | None, kind: str, label: str = "") -> str:
     """Record who sends the task, then send it by name. Returns the task id.
@@ -92,6 +123,7 @@ def send_task(celery: Celery, client: redis.Redis, settings: Settings, name: str
     try:
         celery.send_task(
             name, kwargs=kwargs, task_id=task_id, retry=True, retry_policy=_QUICK_RETRY,
+            argsrepr="()", kwargsrepr=kwargs_summary(kwargs),
         )  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - kombu raises many transport errors; all mean "broker unavailable"
         client.delete(_record_key(settings, task_id))
