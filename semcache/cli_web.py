@@ -18,6 +18,11 @@ __all__ = ["register"]
 log = logging.getLogger(__name__)
 
 
+# gunicorn's default format logs the request line ("%(r)s") and the referer, both with their query strings: search
+# terms, filters and a login's "next" reached the log (issue 15). The path ("%(U)s") alone names what was asked.
+ACCESS_LOG_FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s "%(a)s" %(M)sms'
+
+
 def register(cli: click.Group) -> None:
     cli.add_command(web_cmd)
     cli.add_command(keys_group)
@@ -39,6 +44,7 @@ def _serve_gunicorn(settings: Settings, *, host: str, port: int, workers: int, t
                 "graceful_timeout": 20,
                 "keepalive": 5,
                 "accesslog": "-",
+                "access_log_format": ACCESS_LOG_FORMAT,
                 "errorlog": "-",
                 "loglevel": "info",
                 "proc_name": "semcache-web",

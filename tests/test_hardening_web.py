@@ -124,3 +124,75 @@ def test_task_headers_carry_a_summary_not_the_prompt(client, api_headers, web_se
         assert "jane.doe" not in shown and "4111" not in shown and tenant not in shown, shown
         assert len(shown) < 200
     assert "1 write" in found[write.get_json()["task_id"]]["kwargsrepr"]
+
+
+class _Served:
+    """``semcache web`` (gunicorn) in a subprocess on a free port, its output (access log included) in a file."""
+
+    def __init__(self, settings, tmp_path, *, workers: int = 1, env: dict[str, str] | None = None) -> None:
+        import os
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        from cache_core.embedded import free_port
+
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp_path / f"web-{self.port}.log"
+        full = {**os.environ, "SEMCACHE_REDIS_URL": settings.redis_url, "SEMCACHE_INDEX": settings.index,
+                "SEMCACHE_DATA_DIR": str(settings.data_dir), "SEMCACHE_ADMIN_TOKEN": settings.admin_token or "",
+                "SEMCACHE_COOKIE_SECURE": "false", "HF_HUB_OFFLINE": "1", **(env or {})}
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "semcache", "web", "--port", str(self.port), "--workers", str(workers),
+             "--threads", "4"], cwd=Path(__file__).resolve().parent.parent, env=full, stdout=self._log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self) -> None:
+        import time
+        import urllib.request
+
+        deadline = time.monotonic() + 90  # a bound for a loaded 2-core machine, not a timing assertion
+        while True:
+            try:
+                with urllib.request.urlopen(self.base + "/healthz", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            assert self.process.poll() is None and time.monotonic() < deadline, self.output()[-2000:]
+            time.sleep(0.2)
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> str:
+        self.process.terminate()
+        self.process.wait(60)
+        self._log.close()
+        return self.log_path.read_text(errors="replace")
+
+
+def test_the_access_log_shows_paths_without_their_query_strings(web_settings, tmp_path):
+    """Search terms of the entries page and the API listing, and a login's ``next``, reached gunicorn's access
+    log through the request line (``%(r)s``)."""
+    import urllib.error
+    import urllib.request
+
+    server = _Served(web_settings, tmp_path)
+    try:
+        server.wait_ready()
+        for path in ("/entries/?q=jane.doe%40example.com", "/api/v1/entries?text=jane.doe%40example.com&limit=5",
+                     "/login?next=%2Fentries%2F%3Fq%3Djane.doe"):
+            try:
+                urllib.request.urlopen(server.base + path, timeout=30).read()
+            except urllib.error.HTTPError:
+                pass  # 302, 401: what matters is the log line
+    finally:
+        output = server.stop()
+    access = [line for line in output.splitlines() if '"GET ' in line]
+    assert len(access) >= 3, output[-2000:]
+    assert any("/api/v1/entries" in line for line in access) and any("/login" in line for line in access)
+    assert "jane.doe" not in output and "example.com" not in output, access
