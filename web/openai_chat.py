@@ -155,21 +155,32 @@ def _bypass_reason(req: ChatRequest, settings: Settings) -> str | None:
         return "logprobs cannot be answered from the cache"
     if req.messages[-1].role != "user":
         return f"the last message is from {req.messages[-1].role!r}, not the user"
+    if _CONTEXT_SEP in req.model:
+        # Issue 15: the scope's model value is "<model>" or "<model>#ctx:<hash>"; a model name holding the separator
+        # could name another conversation's scope ("gpt-4o#ctx:<its hash>") and read its answers
+        return f"the model name contains {_CONTEXT_SEP!r}, the separator of the proxy's cache scope"
     return None
 
 
 def context_hash(req: ChatRequest) -> str | None:
-    """A hash of everything before the last message and of the answer-shaping parameters; None when there is none."""
+    """A hash of everything before the last message, of the last message's fields but its text (its ``name``...)
+    and of the answer-shaping parameters; None when there is none."""
     earlier = [m.model_dump(mode="json", exclude_none=True) for m in req.messages[:-1]]
+    # Issue 15: the last message's ``name`` tells the model who asks ("What is my name?" from alice is not bob's
+    # question). Its text is the prompt and its role is always "user" here; everything else is context. Only added
+    # when present, so a request without such fields keeps the scope (and the entries) it always had.
+    last = req.messages[-1].model_dump(mode="json", exclude_none=True, exclude={"content", "role"})
     params = {k: v for k, v in (req.model_extra or {}).items() if k not in IGNORED_PARAMS}
     for name in ("tools", "functions", "logprobs"):  # typed fields that are not ignored
         value = getattr(req, name)
         if value is not None:
             params[name] = value
-    if not earlier and not params:
+    if not earlier and not params and not last:
         return None
-    material = json.dumps({"messages": earlier, "params": params}, sort_keys=True, ensure_ascii=False,
-                          separators=(",", ":"))
+    parts: dict[str, Any] = {"messages": earlier, "params": params}
+    if last:
+        parts["last"] = last
+    material = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(material.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
