@@ -2,10 +2,16 @@
 
 Two protocols, for two CSV formats (the protocol is read from the header unless given):
 
-- **stream** (``text,intent[,split]``): all rows, shuffled with the seed, are looked up one by one in one scope with
-  :meth:`SemanticCache.lookup`; a miss stores the query with its intent as the answer (synchronously, with
-  :func:`cache_core.store.write_command`, so the stream is deterministic). A hit is *wrong* when the served entry's
-  intent differs from the query's, or the query's intent is the out-of-scope label (``oos``).
+- **stream** (``text,intent[,response][,split]``): all rows, shuffled with the seed, are looked up one by one in
+  one scope with :meth:`SemanticCache.lookup`; a miss stores the query (synchronously, with
+  :func:`cache_core.store.write_command`, so the stream is deterministic). What a miss stores as the answer is the
+  *answers* protocol: ``label`` stores the row's intent (the short-answer case: classification, routing; entries
+  with the same intent share an answer group because their answers are the same text), ``response`` stores the
+  row's own free-text ``response`` (the chat case: no two answers are the same text, so groups come only from a
+  judge). Before a miss is written, the write path's judge step (:func:`cache_core.grouping.judged_groups`, the
+  worker's own function) may put it into a gray-zone neighbour's group; ``--judge simulated:FA,FR`` answers from
+  the labels and errs on purpose (:class:`SimulatedJudge`). A hit is *wrong* when the served entry's intent
+  differs from the query's, or the query's intent is the out-of-scope label (``oos``).
   ``hit_rate = hits / queries``, ``wrong_rate = wrong hits / hits``.
 - **pairs** (``q1,q2,is_duplicate[,split]``): every distinct ``q1`` is stored (its own text as its answer, so each
   is alone in its answer group), every ``q2`` is looked up; a hit is correct only on the pair's own ``q1`` and only
@@ -47,7 +53,8 @@ from .index import drop_index
 from .policy import ConsensusParams, make_policy
 from .schema import Scope, WriteCommand, entry_id
 from .settings import Settings
-from .store import build_entry, write_command, write_entries
+from .grouping import judged_groups
+from .store import answer_group, build_entry, write_command, write_entries
 
 __all__ = [
     "DEFAULT_KNOBS",
@@ -66,11 +73,16 @@ __all__ = [
     "evaluate",
     "best_at",
     "bundled_dataset",
+    "SimulatedJudge",
+    "parse_judge_spec",
+    "ANSWERS",
 ]
 
 log = logging.getLogger(__name__)
 
 Protocol = Literal["stream", "pairs"]
+Answers = Literal["label", "response"]
+ANSWERS = ("label", "response")
 
 # Both curves sweep the same knob values (0.70 to 0.99, denser where the operating points of interest lie).
 DEFAULT_KNOBS = (0.70, 0.75, 0.80, 0.83, 0.85, 0.87, 0.90, 0.92, 0.95, 0.97, 0.99)
@@ -92,6 +104,7 @@ class StreamRow:
     text: str
     intent: str
     split: str = ""
+    response: str = ""
 
 
 @dataclass(frozen=True)
@@ -107,6 +120,7 @@ class Dataset:
     protocol: Protocol
     path: str
     rows: list[Any]
+    has_responses: bool = False
 
     def texts(self) -> list[str]:
         if self.protocol == "stream":
@@ -176,7 +190,10 @@ def read_dataset(path: str | Path, protocol: Protocol | None = None, *, splits: 
                 intent = values[col["intent"]].strip()
                 if not intent:
                     raise InvalidInput(f"{path}:{line}: empty intent", field="data")
-                rows.append(StreamRow(text, intent, split))
+                response = values[col["response"]].strip() if "response" in col else ""
+                if "response" in col and not response:
+                    raise InvalidInput(f"{path}:{line}: empty response", field="data")
+                rows.append(StreamRow(text, intent, split, response))
             else:
                 q1 = _text(values[col["q1"]], path, line, "q1", max_chars)
                 q2 = _text(values[col["q2"]], path, line, "q2", max_chars)
@@ -190,7 +207,7 @@ def read_dataset(path: str | Path, protocol: Protocol | None = None, *, splits: 
     if not rows:
         what = f" in split(s) {','.join(sorted(keep))}" if keep is not None else ""
         raise InvalidInput(f"{path} has no data rows{what}", field="data")
-    return Dataset(found, str(path), rows)
+    return Dataset(found, str(path), rows, has_responses=found == "stream" and "response" in col)
 
 
 def _text(value: str, path: Path, line: int, name: str, max_chars: int) -> str:
@@ -255,6 +272,69 @@ def embed_rows(embedder: Embedder, texts: Sequence[str], *, cache_dir: Path | No
     return dict(zip(unique, matrix))
 
 
+# --- judges --------------------------------------------------------------------------------------------------
+_SIMULATED = "simulated:"
+
+
+def parse_judge_spec(spec: str | None) -> tuple[str, tuple[float, float] | None]:
+    """``off``, ``llm``, ``cross-encoder``, ``embedding`` or ``simulated:FA,FR`` -> ``(name, (FA, FR) or None)``.
+
+    >>> parse_judge_spec("simulated:0.05,0.1")
+    ('simulated', (0.05, 0.1))
+    >>> parse_judge_spec(None)
+    ('off', None)
+    """
+    from .judge import JUDGE_NAMES
+
+    spec = (spec or "off").strip()
+    if spec.startswith(_SIMULATED):
+        try:
+            fa, fr = (float(x) for x in spec[len(_SIMULATED):].split(","))
+        except ValueError:
+            raise InvalidInput(f"{spec!r}: expected simulated:FA,FR with two rates, e.g. simulated:0.05,0.05",
+                               field="judge") from None
+        if not (0.0 <= fa <= 1.0 and 0.0 <= fr <= 1.0):
+            raise InvalidInput(f"{spec!r}: the rates must be between 0 and 1", field="judge")
+        return "simulated", (fa, fr)
+    if spec not in JUDGE_NAMES:
+        raise InvalidInput(f"unknown judge {spec!r} (known: {', '.join(JUDGE_NAMES)}, simulated:FA,FR)",
+                           field="judge")
+    return spec, None
+
+
+class SimulatedJudge:
+    """A judge derived from the labels, for sensitivity analysis: it wrongly accepts ``false_accept`` of the
+    different-intent pairs and wrongly rejects ``false_reject`` of the same-intent ones (seeded, so a lane is
+    deterministic). ``intent_of`` maps entry ids to intents; the new prompt's intent is set before each write.
+
+    >>> judge = SimulatedJudge(0.0, 0.0, {"e1": "a"}, seed=1)
+    >>> from cache_core.judge import JudgeRequest
+    >>> judge.current = "a"
+    >>> judge.judge(JudgeRequest("q", "r", "e1", "p", "r1", 0.7)).agree
+    True
+    """
+
+    name = "simulated"
+
+    def __init__(self, false_accept: float, false_reject: float, intent_of: dict[str, str], *,
+                 seed: int | str = 0) -> None:
+        from .judge import JudgeVerdict
+
+        self._verdict = JudgeVerdict
+        self.false_accept, self.false_reject = false_accept, false_reject
+        self.intent_of = intent_of
+        self.rng = random.Random(seed)
+        self.current: str | None = None
+        self.calls = 0
+
+    def judge(self, request: Any) -> Any:
+        self.calls += 1
+        same = self.current is not None and self.intent_of.get(request.neighbour_id) == self.current
+        draw = self.rng.random()
+        agree = draw >= self.false_reject if same else draw < self.false_accept
+        return self._verdict(agree=agree, detail="simulated from the labels")
+
+
 # --- results -------------------------------------------------------------------------------------------------
 class OperatingPoint(BaseModel):
     """One point of a curve: the knob value and what it gave."""
@@ -269,6 +349,8 @@ class OperatingPoint(BaseModel):
     recall: float | None = None
     f1: float | None = None
     demoted: int | None = None
+    judge_calls_per_query: float | None = None
+    judge_tokens_per_query: float | None = None
 
 
 class EvalReport(BaseModel):
@@ -289,6 +371,14 @@ class EvalReport(BaseModel):
     latency: dict[str, Any] | None = Field(None, description="measure_latency: before/after on the same index.")
     feedback_rate: float = 0.0
     elapsed_s: float = 0.0
+    answers: Answers = Field("label", description="stream: what a miss stores, the row's intent or its response.")
+    judge: str = Field("off", description="The write path's judge: off, llm, cross-encoder, embedding or "
+                       "simulated:FA,FR (derived from the labels: a sensitivity analysis, not a real judge).")
+    simulated_judge: bool = False
+    judge_calls_per_query: float | None = Field(
+        None, description="Judge questions per query at the policy's best point at <= 1% wrong (else its "
+        "loosest point); each point of the curve has its own.")
+    judge_tokens_per_query: float | None = None
 
 
 def best_at(curve: Sequence[OperatingPoint], target: float, *, by: str = "hit_rate") -> OperatingPoint | None:
@@ -411,16 +501,21 @@ def stream_order(rows: Sequence[StreamRow], seed: int, limit: int | None = None)
 def run_stream(env: EvalEnvironment, rows: Sequence[StreamRow], *, policy: str, knobs: Sequence[float],
                baseline_knobs: Sequence[float] | None, seed: int = 42, limit: int | None = None,
                oos_label: str = "oos", workers: int = 2, feedback_rate: float = 0.0, progress: bool = True,
-               params: dict[str, Any] | None = None) -> tuple[list[OperatingPoint], list[OperatingPoint],
-                                                             dict[str, dict[str, float]]]:
+               params: dict[str, Any] | None = None, answers: Answers = "label", judge: str = "off"
+               ) -> tuple[list[OperatingPoint], list[OperatingPoint], dict[str, dict[str, float]]]:
     """Run the stream protocol: one lane per knob of ``policy`` and per knob of the baseline (threshold).
 
     Lanes run in ``workers`` processes, each with its own private embedded Redis unless the environment was given
     a URL (Redis runs commands on one core: one server per worker is what makes lanes run in parallel).
     The baseline fetches only the nearest entry (k=1), as the peers do. ``params`` are written as each lane's
     global calibration record, so ``semcache calibrate`` tries parameters through the real read path.
+    ``answers``: what a miss stores (``label``: the intent, ``response``: the row's response). ``judge``: the write
+    path's judge for the policy's lanes (the baseline's threshold rule ignores groups, so its lanes ask none).
     Returns ``(curve, baseline_curve, lookup_ms)``.
     """
+    if answers == "response" and any(not r.response for r in rows):
+        raise InvalidInput("--answers response needs a response column with a response in every row", field="answers")
+    parse_judge_spec(judge)  # fail before any lane starts
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
@@ -435,6 +530,7 @@ def run_stream(env: EvalEnvironment, rows: Sequence[StreamRow], *, policy: str, 
     shared = _LaneShared(url=env.url, private=env.server is not None, settings=env.settings.model_dump(mode="json"),
                          prefix=env.prefix,
                          rows=[(r.text, r.intent) for r in rows], order=list(order), texts=texts, matrix=matrix,
+                         answers=[r.response if answers == "response" else r.intent for r in rows], judge=judge,
                          model_name=env.embedder.name, oos_label=oos_label, feedback_rate=feedback_rate, seed=seed,
                          params=params)
     bar = _Progress(len(lanes) * len(order), progress, f"stream ({len(lanes)} lanes x {len(order):,} queries)")
@@ -486,6 +582,8 @@ class _LaneShared:
     feedback_rate: float
     seed: int
     params: dict[str, Any] | None
+    answers: list[str]
+    judge: str
 
 
 class _NoModel:
@@ -548,7 +646,9 @@ def _lane_main(curve: str, policy: str, knob: float, n: int) -> tuple[OperatingP
         client.hset(settings.key("calibration"), "*", json.dumps(shared.params))
     scope = Scope(tenant="eval")
     rng = random.Random(f"{shared.seed}:{curve}:{knob}")
-    hits = wrong = demoted = done = 0
+    intent_of: dict[str, str] = {}  # entry id -> the intent of the row that wrote it
+    judge = _lane_judge(shared, settings, curve, knob, intent_of)
+    hits = wrong = demoted = done = calls = tokens = 0
     latencies: list[float] = []
     try:
         for i in shared.order:
@@ -557,15 +657,26 @@ def _lane_main(curve: str, policy: str, knob: float, n: int) -> tuple[OperatingP
             latencies.append(result.total_ms)
             if result.hit:
                 hits += 1
-                bad = intent == shared.oos_label or result.entry.response != intent
+                bad = intent == shared.oos_label or intent_of.get(result.entry.id, result.entry.response) != intent
                 wrong += bad
                 if shared.feedback_rate and rng.random() < shared.feedback_rate:
                     demoted += apply_feedback(client, settings, result.entry.id, result.similarity or 1.0,
                                               not bad, by="eval").demoted
             else:
                 vector = embedder.embed([text])[0]
-                write_command(client, settings, embedder, WriteCommand(
-                    prompt=text, response=intent, scope=scope, embedding=vector.tolist(), source="eval"))
+                command = WriteCommand(prompt=text, response=shared.answers[i], scope=scope,
+                                       embedding=vector.tolist(), source="eval")
+                if judge is not None:  # the worker's own grouping step, with this lane's judge
+                    if isinstance(judge, SimulatedJudge):
+                        judge.current = intent
+                    decision = judged_groups(client, settings, [(command, vector)], judge,
+                                             own_groups=[answer_group(command.response)])[0]
+                    calls += decision.asked
+                    tokens += sum(v["prompt_tokens"] + v["completion_tokens"] for v in decision.verdicts)
+                    if decision.group:
+                        command = command.model_copy(update={"group": decision.group})
+                entry, _ = write_command(client, settings, embedder, command)
+                intent_of[entry] = intent
             done += 1
             if done % 100 == 0:
                 with counter.get_lock():
@@ -577,8 +688,25 @@ def _lane_main(curve: str, policy: str, knob: float, n: int) -> tuple[OperatingP
     total = len(shared.order)
     point = OperatingPoint(knob=knob, hit_rate=hits / total if total else 0.0, wrong_rate=wrong / hits if hits else 0.0,
                            queries=total, hits=hits, wrong=wrong,
-                           demoted=demoted if shared.feedback_rate else None)
+                           demoted=demoted if shared.feedback_rate else None,
+                           judge_calls_per_query=calls / total if judge is not None and total else None,
+                           judge_tokens_per_query=tokens / total if judge is not None and tokens and total else None)
     return point, latencies
+
+
+def _lane_judge(shared: _LaneShared, settings: Settings, curve: str, knob: float,
+                intent_of: dict[str, str]) -> Any:
+    """The judge of one lane: none for the baseline or ``off``; a seeded :class:`SimulatedJudge`; or the
+    configured real judge (built like the worker builds it)."""
+    name, rates = parse_judge_spec(shared.judge)
+    if curve == "baseline" or name == "off":
+        return None
+    if rates is not None:
+        return SimulatedJudge(*rates, intent_of, seed=f"{shared.seed}:judge:{knob}")
+    from .judge import make_judge
+
+    return make_judge(settings.model_copy(update={"judge": name}), embedder=_LANE.get("embedder"),
+                      client=_LANE.get("client"))
 
 
 def _drop(client: redis.Redis, settings: Settings) -> None:
@@ -725,8 +853,12 @@ def evaluate(settings: Settings, data: str | Path, *, protocol: Protocol | None 
              baseline_knobs: Sequence[float] | None = DEFAULT_KNOBS, splits: Iterable[str] | None = None,
              embedder: Embedder | None = None, redis_url: str | None = None, workers: int = 2,
              feedback_rate: float = 0.0, oos_label: str = "oos", progress: bool = True,
-             params: dict[str, Any] | None = None, cache_vectors: bool = True, latency: int = 0) -> EvalReport:
-    """Evaluate ``settings.policy`` against the baseline on a labeled CSV (see the module docstring)."""
+             params: dict[str, Any] | None = None, cache_vectors: bool = True, latency: int = 0,
+             answers: Answers | None = None, judge: str = "off") -> EvalReport:
+    """Evaluate ``settings.policy`` against the baseline on a labeled CSV (see the module docstring).
+
+    ``answers`` (stream protocol): ``label`` or ``response``; default ``response`` when the CSV has a ``response``
+    column, else ``label``. ``judge``: the write path's judge (:func:`parse_judge_spec`), default off."""
     from .embedder import load_embedder
 
     started = time.perf_counter()
@@ -737,7 +869,18 @@ def evaluate(settings: Settings, data: str | Path, *, protocol: Protocol | None 
     for knob in (*knobs, *(baseline_knobs or ())):
         if not (-1.0 <= knob <= 1.0) or math.isnan(knob):
             raise InvalidInput(f"knob {knob} is not a cosine similarity in [-1, 1]", field="knobs")
+    judge_name, _ = parse_judge_spec(judge)
+    if answers is not None and answers not in ANSWERS:
+        raise InvalidInput(f"unknown answers protocol {answers!r} (known: {', '.join(ANSWERS)})", field="answers")
     dataset = read_dataset(data, protocol, splits=splits, max_chars=settings.max_prompt_chars)
+    if dataset.protocol == "pairs" and (answers == "response" or judge_name != "off"):
+        raise InvalidInput("--answers and --judge apply to the stream protocol (text,intent[,response]); the pairs "
+                           "protocol stores each q1 with its own text", field="judge" if judge_name != "off"
+                           else "answers")
+    if answers == "response" and not dataset.has_responses:
+        raise InvalidInput(f"--answers response needs a response column; {data} has none (use --answers label)",
+                           field="answers")
+    answers = answers or ("response" if dataset.has_responses else "label")
     embedder = embedder or load_embedder(settings.model, backend=settings.embedding_backend, cache_size=0,
                                           precision=settings.embedding_precision)
     needed = _needed_texts(dataset, seed, limit) + (dataset.texts() if latency else [])
@@ -749,7 +892,7 @@ def evaluate(settings: Settings, data: str | Path, *, protocol: Protocol | None 
             curve, baseline, lookup_ms = run_stream(
                 env, dataset.rows, policy=settings.policy, knobs=knobs, baseline_knobs=baseline_knobs, seed=seed,
                 limit=limit, oos_label=oos_label, workers=workers, feedback_rate=feedback_rate, progress=progress,
-                params=params)
+                params=params, answers=answers, judge=judge)
             rows = min(limit or len(dataset.rows), len(dataset.rows))
         else:
             curve, baseline, lookup_ms = run_pairs(
@@ -767,8 +910,16 @@ def evaluate(settings: Settings, data: str | Path, *, protocol: Protocol | None 
                                          "consensus_compete_range": consensus.compete_range}
                                         if settings.policy == "consensus" else {}), **(params or {})},
         model=embedder.name, curve=curve, baseline_curve=baseline, lookup_ms=lookup_ms, feedback_rate=feedback_rate,
-        latency=measured,
+        latency=measured, answers=answers if dataset.protocol == "stream" else "label", judge=judge or "off",
+        simulated_judge=judge_name == "simulated",
     )  # fmt: skip
+    if dataset.protocol == "stream" and judge_name != "off":
+        report.params.update({"judge_min_similarity": settings.judge_min_similarity,
+                              "judge_max_groups": settings.judge_max_groups})
+        at = best_at(curve, 0.01) or min(curve, key=lambda p: p.knob, default=None)
+        if at is not None:
+            report.judge_calls_per_query = at.judge_calls_per_query
+            report.judge_tokens_per_query = at.judge_tokens_per_query
     report.summary = _summary(report)
     report.elapsed_s = round(time.perf_counter() - started, 1)
     return report
@@ -805,7 +956,7 @@ def plot(report: EvalReport, path: str | Path, *, title: str | None = None) -> N
     ax.set_ylabel("hit rate (%)")
     name = Path(report.data).name
     ax.set_title(title or f"{name}, {report.protocol} protocol, {report.rows:,} rows, seed {report.seed} "
-                 f"({report.model})", fontsize=9)
+                 f"({report.model})" + protocol_label(report, "\n"), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -814,10 +965,26 @@ def plot(report: EvalReport, path: str | Path, *, title: str | None = None) -> N
     plt.close(fig)
 
 
+def protocol_label(report: EvalReport, sep: str = "; ") -> str:
+    """What the stream stored and who judged: every output of a simulated judge says it is simulated.
+
+    >>> r = EvalReport(protocol="stream", data="d.csv", rows=1, seed=1, policy="consensus", curve=[],
+    ...                baseline_curve=[], answers="response", judge="simulated:0.05,0.05", simulated_judge=True)
+    >>> protocol_label(r)
+    '; answers: response; judge: simulated:0.05,0.05 (SIMULATED from the labels: a sensitivity analysis)'
+    """
+    if report.protocol != "stream":
+        return ""
+    out = f"{sep}answers: {report.answers}; judge: {report.judge}"
+    if report.simulated_judge:
+        out += " (SIMULATED from the labels: a sensitivity analysis)"
+    return out
+
+
 def fmt_table(report: EvalReport) -> str:
     """A plain-text summary: both curves side by side and the best hit rate at 0.5/1/2% wrong."""
     lines = [f"{report.protocol} protocol on {report.data}: {report.rows:,} rows, seed {report.seed}, "
-             f"policy {report.policy} {report.params}"]
+             f"policy {report.policy} {report.params}{protocol_label(report)}"]
     extra = report.protocol == "pairs"
     head = f"{'knob':>6} | {'policy hit%':>11} {'wrong%':>7}" + (f" {'P':>6} {'R':>6} {'F1':>6}" if extra else "")
     head += f" | {'baseline hit%':>13} {'wrong%':>7}" + (f" {'P':>6} {'R':>6} {'F1':>6}" if extra else "")
@@ -853,6 +1020,13 @@ def fmt_table(report: EvalReport) -> str:
         if best:
             lines.append(f"best F1 {name}: {best['f1']:.3f} (P {best['precision']:.3f}, R {best['recall']:.3f}, "
                          f"knob {best['knob']})")
+    if report.judge_calls_per_query is not None:
+        tokens = (f", {report.judge_tokens_per_query:.0f} judge tokens per query"
+                  if report.judge_tokens_per_query else "")
+        lines.append(f"judge: {report.judge_calls_per_query:.3f} questions per query at the policy's <=1% point"
+                     + tokens + "; per knob: " + ", ".join(
+                         f"{p.knob:.2f}: {p.judge_calls_per_query:.3f}" for p in sorted(report.curve, key=lambda p: p.knob)
+                         if p.judge_calls_per_query is not None))
     if report.lookup_ms:
         lines.append("lookup ms during the sweep (read path without embedding, lanes in parallel): " + "; ".join(
             f"{k} p50 {v['p50']:.2f} p95 {v['p95']:.2f}" for k, v in report.lookup_ms.items()))

@@ -59,16 +59,25 @@ _PROTOCOL = click.Choice(["stream", "pairs"])
               help="Also time N lookups before (threshold, k=5) and after (configured policy) on one index.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the JSON report to this file.")
+@click.option("--answers", type=click.Choice(["response", "label"]), default=None,
+              help="Stream protocol: what a miss stores, the row's free-text response (chat traffic; needs a "
+              "response column, the default when there is one) or its intent label (short answers).")
+@click.option("--judge", "judge", default="off", show_default=True,
+              help="The write path's judge forming answer groups: off, llm, cross-encoder, embedding (configured "
+              "by SEMCACHE_JUDGE_*), or simulated:FA,FR (from the labels: wrongly accepts FA of different-intent "
+              "pairs, wrongly rejects FR of same-intent ones; a sensitivity analysis).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def eval_cmd(data: Path | None, protocol: str | None, seed: int, limit: int | None, as_json: bool, plot: Path | None,
              policy: str | None, knobs: str | None, baseline_knobs: str | None, split: str | None, workers: int,
              feedback_rate: float, oos_label: str, redis_url: str | None, latency: int, output: Path | None,
-             quiet: bool) -> None:
+             answers: str | None, judge: str, quiet: bool) -> None:
     """Measure hits and wrong hits on labeled data: the policy's curve against the single-threshold baseline.
 
     Runs through the real stack (a private embedded Redis, the real index and read path, the configured
     embedder). Stream protocol: rows shuffled with --seed, each looked up in one scope, a miss stores the row
-    with its intent as the answer; a hit is wrong if the served intent differs or the row is out of scope.
+    with its response (--answers response) or its intent (--answers label) as the answer, after the write path's
+    judge (--judge) may have put it into a neighbour's answer group; a hit is wrong if the served entry's intent
+    differs or the row is out of scope.
     """
     from cache_core.evaluation import DEFAULT_KNOBS, bundled_dataset, evaluate, fmt_table
     from cache_core.evaluation import plot as draw
@@ -81,7 +90,7 @@ def eval_cmd(data: Path | None, protocol: str | None, seed: int, limit: int | No
         knobs=_floats(knobs, "--knobs") or DEFAULT_KNOBS,
         baseline_knobs=_floats(baseline_knobs, "--baseline-knobs") or DEFAULT_KNOBS, splits=_splits(split),
         workers=workers, feedback_rate=feedback_rate, oos_label=oos_label, redis_url=redis_url, progress=not quiet,
-        latency=latency,
+        latency=latency, answers=answers, judge=judge,
     )  # fmt: skip
     payload = report.model_dump(mode="json")
     if output:
