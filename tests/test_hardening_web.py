@@ -196,3 +196,116 @@ def test_the_access_log_shows_paths_without_their_query_strings(web_settings, tm
     assert len(access) >= 3, output[-2000:]
     assert any("/api/v1/entries" in line for line in access) and any("/login" in line for line in access)
     assert "jane.doe" not in output and "example.com" not in output, access
+
+
+# --- item 14: upstream error bodies and rate-limit headers ---------------------------------------------------------
+LEAK = "org-7Hq2 quota of acct billing@operator.example"
+RATE_HEADERS = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-limit-tokens": "90000",
+                "x-ratelimit-remaining-tokens": "12", "x-ratelimit-reset-requests": "7s", "retry-after": "7"}
+
+
+def _scripted_upstream():
+    """An OpenAI-style upstream whose answer depends on the prompt: errors whose bodies name the operator's
+    account, and rate-limit headers on every answer."""
+    import json
+    import threading
+
+    from flask import Flask, Response, request
+    from werkzeug.serving import make_server
+
+    app = Flask("scripted-upstream")
+
+    def answer(status: int, body: object, mimetype: str = "application/json") -> Response:
+        data = body if isinstance(body, str) else json.dumps(body)
+        return Response(data, status=status, mimetype=mimetype, headers={**RATE_HEADERS, "x-request-id": "req-1"})
+
+    @app.post("/v1/chat/completions")
+    def chat():
+        body = request.get_json()
+        prompt = body["messages"][-1]["content"]
+        error = {"error": {"message": f"Rate limit reached for {LEAK} (you said: {prompt})", "type": "requests",
+                           "code": "rate_limit_exceeded", "param": None}}
+        if prompt.startswith("limit"):
+            return answer(429, error)
+        if prompt.startswith("auth"):
+            return answer(401, {"error": {"message": f"Incorrect API key provided: sk-abcd...wxyz for {LEAK}",
+                                          "type": "invalid_request_error", "code": "invalid_api_key"}})
+        if prompt.startswith("crash"):
+            return answer(500, f"Traceback (most recent call last): {LEAK}", "text/plain")
+        if prompt.startswith("midstream"):
+            events = ('data: {"choices":[{"index":0,"delta":{"content":"Hel"}}]}\n\n'
+                      f"data: {json.dumps(error)}\n\n")
+            return answer(200, events, "text/event-stream")
+        return answer(200, {"id": "c1", "object": "chat.completion", "model": "m", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "fine"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+
+    @app.get("/v1/models")
+    def models():
+        return answer(403, {"error": {"message": f"Project {LEAK} has no access", "code": "forbidden"}})
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture
+def leaky_proxy(web_settings, embedder):
+    from .fixtures_web import _make_app
+
+    server = _scripted_upstream()
+    settings = web_settings.model_copy(update={"upstream_url": f"http://127.0.0.1:{server.server_port}/v1",
+                                               "proxy_coalesce": False})
+    app = _make_app(settings, embedder)
+    yield app
+    app.extensions["semcache_proxy"].close()
+    app.extensions["semcache"].close()
+    server.shutdown()
+
+
+def _no_leak(response) -> None:
+    text = response.get_data(as_text=True)
+    assert "org-7Hq2" not in text and "operator.example" not in text and "sk-abcd" not in text, text[:500]
+    assert not [h for h in response.headers.keys() if h.lower().startswith("x-ratelimit")], dict(response.headers)
+    assert "Retry-After" not in response.headers
+
+
+def test_tenants_get_no_upstream_error_body_nor_rate_limit_header(leaky_proxy, caplog):
+    import logging
+
+    from cache_core.apikeys import create_key
+
+    st = leaky_proxy.extensions["semcache"]
+    key, _ = create_key(st.redis, st.settings, tenant=unique_tenant("px"))
+    headers = {"Authorization": f"Bearer {key}"}
+    client = leaky_proxy.test_client()
+
+    def chat(prompt: str, stream: bool = False):
+        return client.post("/v1/chat/completions", headers=headers, json={
+            "model": "m", "stream": stream, "temperature": 0, "messages": [{"role": "user", "content": prompt}]})
+
+    caplog.set_level(logging.INFO)
+    for stream in (False, True):
+        limited = chat("limit me, my mail is jane@example.com", stream)
+        assert limited.status_code == 429 and limited.get_json()["error"]["code"] == "upstream_rate_limited"
+        _no_leak(limited)
+        refused = chat("auth please", stream)  # the operator's upstream credential, not the tenant's key
+        assert refused.status_code == 502 and refused.get_json()["error"]["code"] == "upstream_error"
+        _no_leak(refused)
+        crashed = chat("crash now", stream)
+        assert crashed.status_code == 502 and "5xx" in crashed.get_json()["error"]["message"]
+        _no_leak(crashed)
+    fine = chat("a fine question")
+    assert fine.status_code == 200 and fine.get_json()["choices"][0]["message"]["content"] == "fine"
+    _no_leak(fine)
+    midstream = chat("midstream error", stream=True)
+    assert midstream.status_code == 200
+    _no_leak(midstream)
+    assert "upstream_error" in midstream.get_data(as_text=True)
+    models = client.get("/v1/models", headers=headers)
+    assert models.status_code == 502
+    _no_leak(models)
+    # the operator sees what happened (status and the upstream's error code), without the prompt or the body
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "429" in logged and "rate_limit_exceeded" in logged and "invalid_api_key" in logged
+    assert "jane@example.com" not in logged and "org-7Hq2" not in logged

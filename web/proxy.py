@@ -708,7 +708,11 @@ class _StreamRelay:
         if chunk.get("error"):
             self.cacheable = False
             self.broken = True
-            return raw
+            # issue 15: the upstream's error names the operator's account; the tenant gets a generic one
+            error = chunk["error"] if isinstance(chunk["error"], dict) else {}
+            log.warning("proxy: the upstream LLM sent an error in a stream (code %s)",
+                        "".join(c for c in str(error.get("code") or "-") if c.isalnum() or c in "_.-")[:64])
+            return sse(openai_error(502, "the upstream LLM sent an error in the stream", code="upstream_error"))
         self._absorb(chunk)
         if self.hide_usage:
             if chunk.get("usage") and not chunk.get("choices"):

@@ -12,9 +12,15 @@ nothing accepts the connection (or too slow)   502      ``upstream_unreachable``
 no answer within ``SEMCACHE_UPSTREAM_TIMEOUT_S``  504   ``upstream_timeout``
 the connection broke, or the answer is not     502      ``upstream_error``
 JSON
-the upstream answered an error (4xx, 5xx)      same     the upstream's own ``{"error": ...}`` body, or one that
-                                                        quotes the start of what it sent
+the upstream rate-limits semcache (429)        429      ``upstream_rate_limited``
+the upstream refused semcache's credentials    502      ``upstream_error`` (the upstream key is the operator's,
+(401, 403, 407), or failed (5xx)                        not the tenant's)
+the upstream refused the request (other 4xx)   same     ``upstream_rejected``
 =============================================  =======  ==========================================================
+
+Tenants never see the upstream's error body nor its rate-limit headers (issue 15): they describe the operator's
+account (organisation, quota, key prefix) and may quote the prompt. What the upstream said is logged for the
+operator instead: its status, its error ``code`` and ``type`` and its request id, never the message or the body.
 
 One ``httpx.Client`` (a connection pool) per process, made on first use, again after a fork.
 """
@@ -22,7 +28,9 @@ One ``httpx.Client`` (a connection pool) per process, made on first use, again a
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,8 +45,11 @@ from .openai_chat import openai_error
 
 __all__ = ["Upstream", "UpstreamFailure", "UpstreamAnswer", "safe_url"]
 
-_RELAYED_HEADERS = ("retry-after", "x-request-id", "openai-processing-ms", "x-ratelimit-remaining-requests",
-                    "x-ratelimit-remaining-tokens")
+log = logging.getLogger(__name__)
+
+# No x-ratelimit-* nor retry-after: they are the operator's account limits, not the tenant's (issue 15)
+_RELAYED_HEADERS = ("x-request-id", "openai-processing-ms")
+_LABEL = re.compile(r"[^A-Za-z0-9_.:-]")
 
 
 def safe_url(url: str) -> str:
@@ -161,29 +172,39 @@ class Upstream:
         except ValueError:
             data = None
         if not isinstance(data, dict):
+            log.warning("proxy: the upstream LLM at %s answered %d with something that is not a JSON object",
+                        self.shown, response.status_code)
             raise UpstreamFailure(502, openai_error(
                 502, f"the upstream LLM at {self.shown} answered {response.status_code} with something that is not a "
-                f"JSON object: {response.text[:200]!r}", code="upstream_error"))
+                "JSON object", code="upstream_error"))
         return UpstreamAnswer(response.status_code, response.content, data, _relayed(response.headers))
 
     def _failure(self, response: httpx.Response) -> UpstreamFailure:
-        """An error answer of the upstream, relayed: its own OpenAI-style body when it sent one."""
+        """An error answer of the upstream as a generic semcache error of the same class (the body is logged as its
+        code and type only, never shown to the tenant)."""
         status = response.status_code
-        if not 400 <= status <= 599:  # a redirect or an odd status: nothing a client can act on
-            return UpstreamFailure(502, openai_error(
-                502, f"the upstream LLM at {self.shown} answered {status}", code="upstream_error"))
+        code = kind = ""
         try:
             data = json.loads(response.content)
         except ValueError:
             data = None
-        if isinstance(data, dict) and isinstance(data.get("error"), dict) and data["error"].get("message"):
-            body = {"error": {"message": str(data["error"]["message"]), "type": data["error"].get("type"),
-                              "param": data["error"].get("param"), "code": data["error"].get("code")}}
-        else:
-            text = response.content[:300].decode("utf-8", "replace")
-            body = openai_error(status, f"the upstream LLM at {self.shown} answered {status}: {text}",
-                                kind="upstream_error", code="upstream_error")
-        return UpstreamFailure(status, body, _relayed(response.headers))
+        if isinstance(data, dict) and isinstance(data.get("error"), dict):
+            code, kind = (_LABEL.sub("", str(data["error"].get(name) or ""))[:64] for name in ("code", "type"))
+        log.warning("proxy: the upstream LLM at %s answered %d (code %s, type %s, request id %s)", self.shown, status,
+                    code or "-", kind or "-", _LABEL.sub("", response.headers.get("x-request-id", ""))[:64] or "-")
+        headers = {k: v for k, v in _relayed(response.headers).items() if k == "x-request-id"}
+        if status == 429:
+            return UpstreamFailure(429, openai_error(
+                429, "the upstream LLM is rate-limiting this semcache deployment; retry later",
+                code="upstream_rate_limited"), headers)
+        if 400 <= status <= 499 and status not in (401, 403, 407):
+            return UpstreamFailure(status, openai_error(
+                status, f"the upstream LLM refused the request ({status}): check the model name and the parameters",
+                code="upstream_rejected"), headers)
+        what = "refused semcache's credentials" if status in (401, 403, 407) else f"failed ({status // 100}xx)"
+        return UpstreamFailure(502, openai_error(
+            502, f"the upstream LLM at {self.shown} {what}; the operator's log has the details",
+            code="upstream_error"), headers)
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
