@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -24,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import redis
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from .embedder import Embedder
 from .errors import BackendUnavailable, InvalidInput
@@ -36,15 +37,50 @@ from .settings import Settings
 from .stats import StatsRecorder
 from .writequeue import NullWriteQueue, WriteQueue
 
-__all__ = ["SemanticCache", "Generated", "Answer", "ScopeLike"]
+__all__ = ["SemanticCache", "Generated", "Answer", "ScopeLike", "check_group", "GROUP_MAX_CHARS"]
 
 log = logging.getLogger(__name__)
 
 ScopeLike = Scope | Mapping[str, Any]
 
 
+GROUP_MAX_CHARS = 128
+_GROUP_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_group(value: str) -> str:
+    """An explicit answer group as given, or ValueError: 1 to 128 characters, not blank, no control characters.
+
+    The one rule for every place a write starts (``Generated``, ``POST /api/v1/entries``, the proxy's
+    ``X-Semcache-Group`` header). Entries of one group are what the consensus policy counts as the same answer.
+
+    >>> check_group("kb:doc-42#s3")
+    'kb:doc-42#s3'
+    >>> check_group(" ")
+    Traceback (most recent call last):
+    ...
+    ValueError: group must not be blank
+    """
+    if not isinstance(value, str) or not 1 <= len(value) <= GROUP_MAX_CHARS:
+        raise ValueError(f"group must be 1 to {GROUP_MAX_CHARS} characters")
+    if not value.strip():
+        raise ValueError("group must not be blank")
+    if _GROUP_CONTROL.search(value):
+        raise ValueError("group must not contain control characters")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("group contains a lone surrogate (invalid UTF-8)") from None
+    return value
+
+
 class Generated(BaseModel):
-    """What a ``generate`` callback may return instead of a plain string."""
+    """What a ``generate`` callback may return instead of a plain string.
+
+    ``group`` names the answer's source when the app knows it (a RAG document id, a router's label): entries of
+    one group count as the same answer for the consensus policy, and the worker does not ask its judge about them.
+    """
 
     response: str
     flags: list[str] = Field(default_factory=list)
@@ -52,6 +88,12 @@ class Generated(BaseModel):
     finish_reason: str | None = None
     ttl_seconds: int | None = None
     cacheable: bool = True
+    group: str | None = None
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, value: str | None) -> str | None:
+        return None if value is None else check_group(value)
 
 
 class Answer(BaseModel):
@@ -448,7 +490,7 @@ class SemanticCache:
                 embedding=[float(x) for x in vector] if vector is not None else None,
                 ttl_seconds=ttl_seconds or gen.ttl_seconds, flags=gen.flags,
                 metadata={**(metadata or {}), **gen.metadata}, finish_reason=gen.finish_reason,
-                lookup_id=result.lookup_id,
+                lookup_id=result.lookup_id, group=gen.group,
             )  # fmt: skip
             return self.write_queue.enqueue(command)
         except Exception:  # noqa: BLE001 - the caller gets its answer whatever happens to the write

@@ -22,7 +22,7 @@ import redis
 from .index import alias_name
 from .judge import Judge, JudgeRequest, JudgeVerdict
 from .query import Candidate, knn_query, parse_knn, scope_filter, search_args
-from .schema import Status, WriteCommand
+from .schema import Status, WriteCommand, entry_id
 from .settings import Settings
 
 __all__ = ["GroupDecision", "judged_groups", "questions"]
@@ -94,7 +94,10 @@ def judged_groups(client: redis.Redis, settings: Settings, items: Sequence[tuple
         log.warning("judge: could not look for neighbours of %d entries, none joins a group: %s", len(items), exc)
         return decisions
     for decision, (command, _), own, reply in zip(decisions, items, own_groups, replies):
-        for cand in questions(parse_knn(reply), own, min_similarity=min_sim, max_groups=limit):
+        # a rewrite of an entry finds its own older version nearest: that is no neighbour to ask about
+        own_id = entry_id(command.prompt, command.scope)
+        found = [c for c in parse_knn(reply) if str(c.fields.get("id", "")) != own_id]
+        for cand in questions(found, own, min_similarity=min_sim, max_groups=limit):
             verdict = _ask(judge, command, cand)
             decision.verdicts.append({
                 "neighbour_id": str(cand.fields.get("id", "")), "neighbour_group": cand.group,

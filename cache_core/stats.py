@@ -205,6 +205,7 @@ def read_stats(client: redis.Redis, settings: Settings, *, minutes: int = 60, no
         "saved_money": saved_in / 1000 * settings.price_per_1k_input_tokens
         + saved_out / 1000 * settings.price_per_1k_output_tokens,
         "writes": {d: int(totals.get(f"write_{d}", 0)) for d in ("approve", "hold", "drop", "invalid")},
+        "judge": {k: int(totals.get(f"judge_{k}", 0)) for k in ("yes", "no", "none", "skipped", "joined")},
         "series": series,
     }
 

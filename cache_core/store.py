@@ -62,7 +62,9 @@ log = logging.getLogger(__name__)
 WriteOutcome = Literal["written", "kept_moderated", "duplicate", "superseded"]
 
 # Fields audit records may carry. Prompts and responses are never copied into the audit stream (they may hold PII).
-_AUDIT_FIELDS = ("event", "id", "status", "by", "reason", "task_id", "flags", "tenant", "decision", "count")
+_AUDIT_FIELDS = ("event", "id", "status", "by", "reason", "task_id", "flags", "tenant", "decision", "count",
+                 # a judge's verdict (event "judge", issue 14): the neighbour asked about, never its text
+                 "neighbour", "similarity", "verdict", "judge", "detail", "group", "ms")
 
 
 def answer_group(response: str) -> str:

@@ -7,7 +7,7 @@ import pytest
 
 MODULES = ["cache_core.schema", "cache_core.settings", "cache_core.celeryconf", "cache_core.testing",
            "cache_core.policy", "web.inflight", "benchmarks.report", "cache_core.judge", "cache_core.judge_llm",
-           "worker.judging"]
+           "worker.judging", "cache_core.cache"]
 
 
 @pytest.mark.parametrize("module", MODULES)

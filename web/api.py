@@ -279,7 +279,7 @@ def create_entry():
     check_flags(body.flags)
     try:
         command = WriteCommand(prompt=body.prompt, response=body.response, scope=scope, ttl_seconds=body.ttl_seconds,
-                               flags=body.flags, metadata=body.metadata, source="api")
+                               flags=body.flags, metadata=body.metadata, source="api", group=body.group)
     except ValidationError as exc:  # the shared model's own checks (NUL characters, metadata size)
         raise validation_error(exc) from None
     task_id = _send(WRITE_ENTRY, {"command": command.model_dump(mode="json")}, tenant=scope.tenant, kind="write",

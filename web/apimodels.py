@@ -13,9 +13,10 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cache_core.apikeys import ApiKey
+from cache_core.cache import GROUP_MAX_CHARS, check_group
 from cache_core.schema import FLAG_PATTERN, ID_PATTERN, Scope, Status
 from cache_core.settings import Settings
 from cache_core.tasks import EntryFilter
@@ -67,6 +68,16 @@ class EntryRequest(BaseModel):
     ttl_seconds: int | None = Field(None, ge=1, le=10 * 365 * 24 * 3600)
     flags: list[str] = Field(default_factory=list, max_length=32)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    group: str | None = Field(
+        None, min_length=1, max_length=GROUP_MAX_CHARS, examples=["kb:refund-policy"],
+        description="The answer's group when the app knows its source (a RAG document id, a router's label): "
+                    "entries of one group count as the same answer; the worker does not ask its judge about them.",
+    )
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, value: str | None) -> str | None:
+        return None if value is None else check_group(value)
 
 
 class PurgeRequest(BaseModel):

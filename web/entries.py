@@ -3,14 +3,15 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlencode
 
-from flask import Blueprint, abort, flash, render_template, request
+from flask import Blueprint, abort, flash, render_template, request, url_for
 
 from cache_core import browse
 from cache_core.feedback import entry_feedback
 from cache_core.policy import FEEDBACK_KEY
-from cache_core.schema import Status
+from cache_core.schema import ID_PATTERN, Status
 
 from .actions import recent
 from .auth import guard
@@ -74,5 +75,18 @@ def detail(entry_id: str):
         abort(404)
     metadata = {k: v for k, v in found.entry.metadata.items() if k != FEEDBACK_KEY}  # shown as its own card
     return render_template("entry.html", detail=found, entry=found.entry, actions=recent(5), metadata=metadata,
-                           feedback=entry_feedback(found.entry.metadata),
+                           feedback=entry_feedback(found.entry.metadata), verdicts=_verdicts(found.audit),
                            demote_after=st.settings.feedback_demote_after)
+
+
+def _verdicts(audit: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The judge's verdicts on this entry (audit records of event ``judge``, newest first), each with a link to
+    the neighbour asked about when its id is an entry id."""
+    out = []
+    for record in audit:
+        if record.get("event") != "judge":
+            continue
+        neighbour = record.get("neighbour", "")
+        link = url_for("entries.detail", entry_id=neighbour) if re.fullmatch(ID_PATTERN, neighbour) else None
+        out.append({**record, "link": link})
+    return out

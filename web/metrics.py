@@ -101,6 +101,26 @@ def _histogram(name: str, help_text: str, totals: dict[str, float], timer: str) 
     return family
 
 
+def _judge_families(totals: dict[str, float]) -> list[Family]:
+    """The judge's counters (issue 14), as the worker adds them (``judge_<verdict>`` and friends, worker/judging.py)."""
+    calls = Family("semcache_judge_calls_total", "counter",
+                   "Questions the worker's judge answered: yes (agrees: the new entry joins the neighbour's group), "
+                   "no, or none (no verdict: timeout, error, unparseable reply).")
+    for verdict in ("yes", "no", "none"):
+        calls.add(totals.get(f"judge_{verdict}", 0.0), verdict=verdict)
+    return [
+        calls,
+        Family("semcache_judge_skipped_total", "counter",
+               "Questions not asked: the judge's per-minute budget was spent (or its counter unreadable).")
+        .add(totals.get("judge_skipped", 0.0)),
+        Family("semcache_judge_joins_total", "counter", "New entries that joined a neighbour's answer group.")
+        .add(totals.get("judge_joined", 0.0)),
+        Family("semcache_judge_tokens_total", "counter", "Tokens the llm judge's calls used (from their usage).")
+        .add(totals.get("judge_prompt_tokens", 0.0), kind="prompt")
+        .add(totals.get("judge_completion_tokens", 0.0), kind="completion"),
+    ]
+
+
 def _queue_depth(st: WebState) -> dict[str, float] | None:
     """Messages waiting in the broker's task queue and messages delivered but not yet acknowledged (Redis brokers)."""
     url = st.handle.broker_url
@@ -146,6 +166,8 @@ def collect(st: WebState) -> list[Family]:
     for decision in _DECISIONS:
         writes.add(totals.get(f"write_{decision}", 0.0), decision=decision)
     families.append(writes)
+
+    families.extend(_judge_families(totals))
 
     saved_in, saved_out = totals.get("saved_prompt_tokens", 0.0), totals.get("saved_completion_tokens", 0.0)
     families.append(Family("semcache_saved_tokens_total", "counter",

@@ -24,6 +24,7 @@ the application keeps getting answers. Counters (``proxy_hit``, ``proxy_miss``, 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -41,6 +42,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from cache_core.apikeys import ApiKey, verify_key
+from cache_core.cache import check_group
 from cache_core.connection import make_client
 from cache_core.errors import BackendUnavailable, InvalidInput, SemcacheError
 from cache_core.schema import LookupResult, WriteCommand, entry_id
@@ -404,6 +406,9 @@ def chat_completions():
     except ChatRequestError as exc:
         raise ProxyError(400, exc.message, param=exc.param) from None
     ck = cache_key(req, ps.settings, tenant=key.tenant)
+    group = _group_header()  # checked on every request: a bad value is the client's mistake even on a bypass
+    if group is not None and not ck.bypass:
+        ck = _GroupedKey(**{f.name: getattr(ck, f.name) for f in dataclasses.fields(ck)}, group=group)
     if ck.bypass:
         ps.writeback.count("proxy_bypass")
         return _forward(ps, raw, req, None, None, {"X-Semcache": "bypass", "X-Semcache-Bypass-Reason": ck.reason})
@@ -420,6 +425,28 @@ def chat_completions():
     if req.stream or not ps.settings.proxy_coalesce:
         return _forward(ps, raw, req, ck, lookup, headers)
     return _forward_coalesced(ps, raw, req, ck, lookup, headers)
+
+
+@dataclasses.dataclass(frozen=True)
+class _GroupedKey(CacheKey):
+    """A cache key with the answer group the client named (``X-Semcache-Group``) for the miss's write-back."""
+
+    group: str | None = None
+
+
+def _group_header() -> str | None:
+    """``X-Semcache-Group`` (UTF-8), checked like every explicit group; a bad value is a 400."""
+    raw = request.headers.get("X-Semcache-Group")
+    if raw is None:
+        return None
+    try:
+        value = raw.encode("latin-1").decode("utf-8")  # WSGI hands header bytes over as latin-1
+    except UnicodeError:
+        raise ProxyError(400, "X-Semcache-Group: not UTF-8", param="X-Semcache-Group") from None
+    try:
+        return check_group(value)
+    except ValueError as exc:
+        raise ProxyError(400, f"X-Semcache-Group: {exc}", param="X-Semcache-Group") from None
 
 
 _OTHER_METHODS = ["GET", "PUT", "PATCH", "DELETE"]
@@ -573,7 +600,7 @@ def _write_back(ps: ProxyState, ck: CacheKey, lookup: LookupResult | None, req: 
     if lookup is not None and not lookup.degraded:
         # the lookup embedded this prompt a moment ago: its vector is in the embedder's LRU (no second model call)
         cached = getattr(ps.web.cache().embedder, "cached", None)
-        found = cached(ck.prompt) if cached is not None else None
+        found = cached(ck.prompt, partition=ck.scope.tenant) if cached is not None else None  # the lookup's partition
         vector = [float(x) for x in found] if found is not None else None
     metadata: dict[str, Any] = {**_tokens(done["usage"], req, done["content"]), "via": "proxy"}
     if isinstance(done.get("model"), str):
@@ -582,7 +609,7 @@ def _write_back(ps: ProxyState, ck: CacheKey, lookup: LookupResult | None, req: 
         metadata["context_hash"] = ck.context_hash
     try:
         command = WriteCommand(prompt=ck.prompt, response=done["content"], scope=ck.scope, embedding=vector,
-                               metadata=metadata, source="proxy",
+                               metadata=metadata, source="proxy", group=getattr(ck, "group", None),
                                finish_reason=str(done["finish_reason"])[:64] if done.get("finish_reason") else None,
                                lookup_id=lookup.lookup_id if lookup is not None else None)
     except ValueError as exc:  # the shared model's own checks (NUL characters...): not cacheable, still answered

@@ -118,6 +118,7 @@ def run_worker(settings: Settings, *, concurrency: int | None = None, loglevel: 
         ensure_index(handle.writer(), IndexSpec(settings=settings, dim=embedder.dim, model_name=embedder.name))
         app = create_celery(settings, redis_url=handle.url)
         runtime = WorkerRuntime(settings, redis_url=handle.url, embedder=embedder, pipeline=pipeline)
+        runtime.load_judge()  # before the fork: a bad judge configuration stops the start, model weights are shared
         app.semcache_runtime = runtime
         processes = concurrency or settings.worker_concurrency
 

@@ -1,8 +1,11 @@
-"""What a worker process holds: its settings, a Redis client, the embedding model and the safety pipeline.
+"""What a worker process holds: its settings, a Redis client, the embedding model, the safety pipeline and the judge.
 
 ``semcache worker`` loads the model once in the main process, before the pool forks, so every pool process shares
 its weights (copy-on-write) and starts at once. The main process never runs the model itself: a torch thread pool
 started before a fork can hang the children. Redis clients are made per process (a connection must not cross a fork).
+The judge (``SEMCACHE_JUDGE``) is built once too, in the main process when ``semcache worker`` starts it (a bad
+judge configuration stops the start, a cross-encoder's weights are shared like the embedder's); the ``llm`` judge
+makes its HTTP connections per process.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from cache_core.connection import make_client
 from cache_core.embedded import EmbeddedRedis
 from cache_core.embedder import Embedder, load_embedder
 from cache_core.errors import ConfigError
+from cache_core.judge import Judge, make_judge
 from cache_core.settings import Settings
 
 from .safety import SafetyPipeline
@@ -57,6 +61,9 @@ class WorkerRuntime:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._threads = 0
+        self._judge: Judge | None = None
+        self._judge_built = False
+        self._judge_lock = threading.Lock()  # not self._lock: building the embedding judge takes that one
 
     @property
     def client(self) -> redis.Redis:
@@ -81,6 +88,29 @@ class WorkerRuntime:
                     self._embedder = embedder
         return self._embedder
 
+    def load_judge(self) -> Judge | None:
+        """Build the judge the settings name (None for ``off``) once; raises :class:`ConfigError` when it cannot
+        be built (``semcache worker`` calls this before it starts, so a bad configuration stops it)."""
+        if not self._judge_built:
+            with self._judge_lock:
+                if not self._judge_built:
+                    name = self.settings.judge
+                    self._judge = make_judge(self.settings, embedder=self.embedder if name == "embedding" else None,
+                                             client=self.client if name == "llm" else None)
+                    self._judge_built = True
+        return self._judge
+
+    @property
+    def judge(self) -> Judge | None:
+        """The judge, or None (``off``, or a judge that cannot be built: logged once, and entries keep their own
+        groups; a write never fails for want of a judge)."""
+        try:
+            return self.load_judge()
+        except ConfigError as exc:
+            log.error("judge %s not available, entries keep their own groups: %s", self.settings.judge, exc)
+            self._judge, self._judge_built = None, True
+            return None
+
     def after_fork(self, processes: int) -> None:
         """In a pool process: its own Redis connections, and model threads sized to share the cores."""
         self._client = None
@@ -91,6 +121,9 @@ class WorkerRuntime:
         self._threads = self.settings.worker_model_threads or auto
         if self._embedder is not None:
             _set_threads(self._embedder, self._threads)
+        if self._judge is not None and self._judge.name == "cross-encoder":
+            _set_torch_threads(self._threads)  # the cross-encoder's torch pool shares the cores like the model's
+        if self._embedder is not None:
             # off Celery's start-up path (a pool process must report ready within seconds); a task that comes
             # first waits for the model's lock, as it would for its own first run
             threading.Thread(target=self._warm_up, name="semcache-warm-up", daemon=True).start()
@@ -111,6 +144,15 @@ def load_embedder_for(settings: Settings) -> Embedder:
     """The embedder the settings name (model, backend, cache size; the onnx export lives in the data dir)."""
     return load_embedder(settings.model, backend=settings.embedding_backend, cache_size=settings.embedding_cache_size,
                          data_dir=settings.data_dir, precision=settings.embedding_precision)
+
+
+def _set_torch_threads(threads: int) -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+    except Exception as exc:  # noqa: BLE001 - thread sizing is an optimisation, never a reason to fail
+        log.debug("could not size torch's threads: %s", exc)
 
 
 def _set_threads(embedder: Embedder, threads: int) -> None:

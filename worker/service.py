@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from cache_core.embedder import Embedder
 from cache_core.errors import BackendUnavailable, InvalidInput, NotFound
 from cache_core.feedback import record_entry_feedback, record_feedback
+from cache_core.judge import Judge
 from cache_core.purge import purge as purge_entries
 from cache_core.schema import Decision, Provenance, Status, WriteCommand, entry_id
 from cache_core.settings import Settings
@@ -28,6 +29,7 @@ from cache_core.stats import record_counters
 from cache_core.store import build_entry, set_status, write_entries
 from cache_core.tasks import FeedbackCommand, PurgeCommand, SetStatusCommand
 
+from . import judging
 from .safety import SafetyPipeline, Verdict
 
 __all__ = [
@@ -129,11 +131,13 @@ def _unit(vector: Sequence[float]) -> list[float]:
 
 
 def write_commands(client: redis.Redis, settings: Settings, embedder: Embedder, pipeline: SafetyPipeline,
-                   raws: Sequence[Any], *, task_id: str | None = None) -> dict[str, Any]:
+                   raws: Sequence[Any], *, task_id: str | None = None, judge: Judge | None = None) -> dict[str, Any]:
     """Validate, check, embed (in one batch, only the commands that carry no vector) and write many commands.
 
     Invalid commands are reported (with their position) and skipped; the rest are written in one transaction.
-    Returns a small summary: counts per decision, the ids written, the invalid positions with their reasons.
+    With a ``judge``, approved commands without an explicit ``group`` may join a gray-zone neighbour's answer group
+    first (:mod:`worker.judging`). Returns a small summary: counts per decision, the ids written, the invalid
+    positions with their reasons (and, with a judge, its verdicts counted under ``judge``).
     """
     commands: list[tuple[int, WriteCommand]] = []
     invalid: list[dict[str, Any]] = []
@@ -142,12 +146,12 @@ def write_commands(client: redis.Redis, settings: Settings, embedder: Embedder, 
             commands.append((index, parse_command(raw, settings, embedder.dim)))
         except InvalidInput as exc:
             invalid.append({"index": index, "error": str(exc)[:300]})
-    return _write_parsed(client, settings, embedder, pipeline, commands, invalid, task_id=task_id)
+    return _write_parsed(client, settings, embedder, pipeline, commands, invalid, task_id=task_id, judge=judge)
 
 
 def _write_parsed(client: redis.Redis, settings: Settings, embedder: Embedder, pipeline: SafetyPipeline,
                   commands: list[tuple[int, WriteCommand]], invalid: list[dict[str, Any]], *,
-                  task_id: str | None) -> dict[str, Any]:
+                  task_id: str | None, judge: Judge | None = None) -> dict[str, Any]:
     """:func:`write_commands` after validation: ``commands`` are (position, valid command) pairs."""
     results: list[dict[str, Any]] = []
     plans = [(index, plan_write(command, settings, pipeline)) for index, command in commands]
@@ -156,10 +160,21 @@ def _write_parsed(client: redis.Redis, settings: Settings, embedder: Embedder, p
     # one model call for the whole task (the embedder sorts it into length buckets); tolist() converts the float32
     # rows to Python floats in C, the same values as float() on each, at a fraction of the cost
     vectors = iter(np.asarray(embedder.embed(missing)).tolist()) if missing else iter(())
+    unit = [_unit(p.command.embedding) if p.command.embedding is not None else next(vectors) for _, p in keep]
+    decisions: dict[int, judging.GroupDecision] = {}
+    if judge is not None:  # no judge, no neighbour search: the path without one is exactly as before
+        asked = [n for n, (_, p) in enumerate(keep)
+                 if p.verdict.decision == Decision.APPROVE and p.command.group is None]
+        if asked:
+            found = judging.judge_batch(client, settings, judge, [(keep[n][1].command, unit[n]) for n in asked])
+            for n, decision in zip(asked, found):
+                decisions[n] = decision
+                if decision.group is not None:
+                    plan = keep[n][1]
+                    plan.command = plan.command.model_copy(update={"group": decision.group})
     entries = []
-    for _, plan in keep:
+    for (_, plan), vector in zip(keep, unit):
         cmd = plan.command
-        vector = _unit(cmd.embedding) if cmd.embedding is not None else next(vectors)
         entries.append(build_entry(
             cmd, settings=settings, embedding=vector, status=_STATUS[plan.verdict.decision],
             flags=plan.verdict.flags, reasons=plan.verdict.reasons, ttl_seconds=plan.ttl_seconds,
@@ -168,6 +183,9 @@ def _write_parsed(client: redis.Redis, settings: Settings, embedder: Embedder, p
         ))  # fmt: skip
     outcomes = write_entries(client, settings, entries, task_id=task_id) if entries else []
     outcome_of = {index: outcome for (index, _), outcome in zip(keep, outcomes)}
+    if decisions:
+        judging.audit_verdicts(client, settings, [(entries[n], d) for n, d in decisions.items()
+                                                  if outcomes[n] == "written"], task_id=task_id)
     counts = {"write_approve": 0, "write_hold": 0, "write_drop": 0, "write_invalid": len(invalid)}
     for index, plan in plans:
         decision = plan.verdict.decision
@@ -183,8 +201,12 @@ def _write_parsed(client: redis.Redis, settings: Settings, embedder: Embedder, p
         _log_decision(plan, outcome)
     for item in invalid:
         log.warning("write command #%d rejected: %s", item["index"], item["error"])
-    _count(client, settings, counts)
-    return {"results": results, "invalid": invalid, "counts": {k[6:]: v for k, v in counts.items()}}
+    judged = judging.judge_counters(list(decisions.values())) if decisions else {}
+    _count(client, settings, {**counts, **judged})
+    summary = {"results": results, "invalid": invalid, "counts": {k[6:]: v for k, v in counts.items()}}
+    if judge is not None:
+        summary["judge"] = judging.summary(list(decisions.values()))
+    return summary
 
 
 def _log_decision(plan: WritePlan, outcome: str) -> None:
@@ -212,12 +234,14 @@ def count_invalid(client: redis.Redis, settings: Settings) -> None:
 
 
 def write_one(client: redis.Redis, settings: Settings, embedder: Embedder, pipeline: SafetyPipeline, raw: Any, *,
-              task_id: str | None = None) -> dict[str, Any]:
+              task_id: str | None = None, judge: Judge | None = None) -> dict[str, Any]:
     """One command (the ``semcache.write_entry`` task). An invalid command raises :class:`InvalidInput`."""
     command = parse_command(raw, settings, embedder.dim)  # raises (rather than reports): the only command is invalid
-    summary = _write_parsed(client, settings, embedder, pipeline, [(0, command)], [], task_id=task_id)
+    summary = _write_parsed(client, settings, embedder, pipeline, [(0, command)], [], task_id=task_id, judge=judge)
     result = dict(summary["results"][0])
     result.pop("index", None)
+    if "judge" in summary:
+        result["judge"] = summary["judge"]
     return result
 
 

@@ -169,8 +169,9 @@ def register(app: Celery) -> None:
             if kw.get("embeddings") is not None:
                 commands = unpack_embeddings(commands, kw["embeddings"])
             return service.write_commands(rt.client, rt.settings, rt.embedder, rt.pipeline, commands,
-                                          task_id=self.request.id)
+                                          task_id=self.request.id, judge=rt.judge)
 
+            judge=rt.judge,
         return _run(self, args, kwargs, frozenset({"commands", "embeddings"}), body, counts_invalid=True)
 
     @app.task(name=SET_STATUS, bind=True, throws=expected, shared=False)
