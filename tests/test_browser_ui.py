@@ -15,6 +15,7 @@ from playwright.sync_api import expect
 
 from cache_core.deadletters import DeadLetter, push_dead_letter
 from cache_core.schema import Status
+from cache_core.store import audit
 
 from .fixtures_web import browser_login, unique_tenant, wait_task
 
@@ -206,6 +207,28 @@ def test_a_script_response_is_rendered_as_text(page, worker_seed):
         page.goto(path)
         expect(page.get_by_text("<script>alert(1)</script>").first).to_be_visible()
     page.wait_for_timeout(300)
+    assert page.dialogs == []
+
+
+def test_the_judges_verdicts_show_on_the_entry_page(page, worker_seed, worker_web_app):
+    tenant = unique_tenant("judge")
+    neighbour = worker_seed("How do I reset my password?", "Settings → Security → Reset.", tenant=tenant)
+    ident = worker_seed("How can I get a new password?", "Use the reset link.", tenant=tenant)
+    state = worker_web_app.extensions["semcache"]
+    audit(state.redis, state.settings, event="judge", id=ident, tenant=tenant, neighbour="0" * 32, similarity=0.64,
+          verdict="none", judge="llm", detail='<img src=x onerror="alert(3)">', ms=1500.2)
+    audit(state.redis, state.settings, event="judge", id=ident, tenant=tenant, neighbour=neighbour, similarity=0.8123,
+          verdict="yes", judge="llm", detail="yes", group="g-reset", ms=410.0)
+    browser_login(page)
+    page.goto(f"/entries/{ident}")
+    rows = page.locator("#judge-verdicts tbody tr")
+    expect(rows).to_have_count(2)
+    expect(rows.nth(0)).to_contain_text("yes")  # newest first
+    expect(rows.nth(0)).to_contain_text("joined group g-reset")
+    expect(rows.nth(1)).to_contain_text('<img src=x onerror="alert(3)">')  # as text
+    assert page.locator("#judge-verdicts img").count() == 0
+    rows.nth(0).locator("a").click()
+    expect(page.locator("#entry-prompt")).to_have_text("How do I reset my password?")
     assert page.dialogs == []
 
 
