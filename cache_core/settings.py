@@ -202,6 +202,14 @@ class Settings(BaseSettings):
                                 "http://127.0.0.1 and localhost); false for plain http elsewhere.")
     session_hours: float = Field(12.0, gt=0, le=24 * 30, description="How long a UI login lasts.")
     login_attempts_per_15min: int = Field(20, ge=1, description="Failed UI logins allowed per client address.")
+    login_account_attempts_per_15min: int = Field(
+        100, ge=1, description="Failed UI logins allowed per account (the admin user, the admin token) from all "
+        "addresses together; past it that account's login answers 429 for up to 15 minutes.",
+    )
+    trusted_proxies: int = Field(
+        0, ge=0, le=10, description="Reverse proxies in front of semcache that append the client address to "
+        "X-Forwarded-For (werkzeug ProxyFix x_for); 0: the header is ignored and the peer address is the client.",
+    )
 
     # --- writer worker: retries, dead letters, enqueueing, safety pipeline (issue 3) ------------------------
     retry_backoff_s: float = Field(1.0, gt=0, le=3600, description="First retry delay; doubles each retry (+jitter).")

@@ -309,3 +309,127 @@ def test_tenants_get_no_upstream_error_body_nor_rate_limit_header(leaky_proxy, c
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "429" in logged and "rate_limit_exceeded" in logged and "invalid_api_key" in logged
     assert "jane@example.com" not in logged and "org-7Hq2" not in logged
+
+
+# --- item 8: sessions that end, and a login limiter that sees through the TLS proxy ------------------------------
+def _app_with(web_settings, embedder, **changes):
+    from .fixtures_web import _make_app
+
+    return _make_app(web_settings.model_copy(update=changes), embedder)
+
+
+def _copied(app, cookie: str):
+    """A second browser holding a copy of a session cookie."""
+    thief = app.test_client()
+    thief.set_cookie("semcache_session", cookie, domain="localhost")
+    return thief
+
+
+def _session_cookie(test_client) -> str:
+    return test_client.get_cookie("semcache_session").value
+
+
+def test_logout_ends_copies_of_the_session_cookie(client, web_app):
+    csrf = login(client)
+    thief = _copied(web_app, _session_cookie(client))
+    assert thief.get("/entries/").status_code == 200  # a copy works while the session lives
+    assert client.post("/logout", data={"csrf_token": csrf}).status_code == 302
+    gone = thief.get("/entries/")
+    assert gone.status_code == 302 and "/login" in gone.headers["Location"]
+    assert thief.post("/purge/preview", data={"csrf_token": csrf, "tenant": "x"}).status_code in (302, 401)
+
+
+@pytest.mark.parametrize("credential", ["token", "password"])
+def test_a_rotated_token_or_password_ends_existing_sessions(web_settings, embedder, credential):
+    """A restart with a new SEMCACHE_ADMIN_TOKEN or SEMCACHE_ADMIN_PASSWORD_HASH (same secret key, same Redis)."""
+    from werkzeug.security import generate_password_hash
+
+    from .fixtures_web import ADMIN_PASSWORD, ADMIN_USER
+
+    old = _app_with(web_settings, embedder)
+    browser = old.test_client()
+    if credential == "token":
+        login(browser)
+        rotated = {"admin_token": "a-new-admin-token-" + "y" * 24}
+    else:
+        csrf = csrf_of(browser.get("/login").get_data(as_text=True))
+        assert browser.post("/login", data={"csrf_token": csrf, "username": ADMIN_USER,
+                                            "password": ADMIN_PASSWORD}).status_code == 302
+        rotated = {"admin_password_hash": generate_password_hash("a new password")}
+    cookie = _session_cookie(browser)
+    unchanged = _app_with(web_settings, embedder)
+    new = _app_with(web_settings, embedder, **rotated)
+    try:
+        assert _copied(unchanged, cookie).get("/entries/").status_code == 200  # a plain restart keeps sessions
+        refused = _copied(new, cookie).get("/entries/")
+        assert refused.status_code == 302 and "/login" in refused.headers["Location"]
+    finally:
+        for app in (old, unchanged, new):
+            app.extensions["semcache"].close()
+
+
+def _fail_login(test_client, csrf: str, *, forwarded: str | None = None, token: str = "wrong") -> int:
+    headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+    return test_client.post("/login", data={"csrf_token": csrf, "token": token}, headers=headers).status_code
+
+
+def test_the_login_limiter_counts_the_forwarded_client_behind_a_trusted_proxy(web_settings, embedder):
+    from .fixtures_web import ADMIN_TOKEN
+
+    app = _app_with(web_settings, embedder, trusted_proxies=1, login_attempts_per_15min=2,
+                    login_account_attempts_per_15min=50)
+    try:
+        browser = app.test_client()
+        csrf = csrf_of(browser.get("/login").get_data(as_text=True))
+        # the proxy appends the address it saw; what a client puts in front of it is not trusted
+        assert [_fail_login(browser, csrf, forwarded=f"10.9.9.{i}, 203.0.113.7") for i in range(3)] == [401, 401, 429]
+        assert _fail_login(browser, csrf, forwarded="203.0.113.8") == 401  # another client behind the same proxy
+        assert _fail_login(browser, csrf, forwarded="203.0.113.8", token=ADMIN_TOKEN) == 302
+    finally:
+        app.extensions["semcache"].close()
+    direct = _app_with(web_settings.model_copy(update={"index": web_settings.index + "d",
+                                                       "key_prefix": web_settings.key_prefix + "d:"}),
+                       embedder, login_attempts_per_15min=2)
+    try:  # without a trusted proxy the header is the client's own text: ignored
+        browser = direct.test_client()
+        csrf = csrf_of(browser.get("/login").get_data(as_text=True))
+        assert [_fail_login(browser, csrf, forwarded=f"198.51.100.{i}") for i in range(3)] == [401, 401, 429]
+    finally:
+        direct.extensions["semcache"].close()
+
+
+def test_the_login_limiter_counts_per_account_across_addresses(web_settings, embedder):
+    from .fixtures_web import ADMIN_TOKEN
+
+    app = _app_with(web_settings, embedder, trusted_proxies=1, login_attempts_per_15min=50,
+                    login_account_attempts_per_15min=3)
+    try:
+        browser = app.test_client()
+        csrf = csrf_of(browser.get("/login").get_data(as_text=True))
+        statuses = [_fail_login(browser, csrf, forwarded=f"203.0.113.{i}") for i in range(4)]
+        assert statuses == [401, 401, 401, 429]
+        locked = browser.post("/login", data={"csrf_token": csrf, "token": ADMIN_TOKEN},
+                              headers={"X-Forwarded-For": "203.0.113.99"})
+        assert locked.status_code == 429 and "account" in locked.get_data(as_text=True)
+    finally:
+        app.extensions["semcache"].close()
+
+
+def test_the_login_fails_closed_when_its_counter_cannot_be_read(web_settings, embedder):
+    from cache_core.embedded import free_port
+    from web import create_app
+
+    from .fixtures_web import ADMIN_TOKEN
+
+    dead = web_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0",
+                                           "redis_write_timeout_ms": 300})
+    app = create_app(dead, embedder=embedder)
+    try:
+        browser = app.test_client()
+        csrf = csrf_of(browser.get("/login").get_data(as_text=True))
+        refused = browser.post("/login", data={"csrf_token": csrf, "token": ADMIN_TOKEN})
+        assert refused.status_code == 503, refused.status_code
+        assert "try again" in refused.get_data(as_text=True)
+        assert browser.get("/entries/").status_code in (302, 503)
+    finally:
+        app.extensions["semcache"].close()

@@ -1,21 +1,29 @@
 """Login and logout of the admin UI, and the guard every UI blueprint installs.
 
 A user logs in with the admin user and password (``SEMCACHE_ADMIN_USER`` and the werkzeug hash in
-``SEMCACHE_ADMIN_PASSWORD_HASH``) or with the admin token (``SEMCACHE_ADMIN_TOKEN``). Failed attempts are counted
-per client address in Redis; past ``SEMCACHE_LOGIN_ATTEMPTS_PER_15MIN`` the login form answers 429 for a while.
+``SEMCACHE_ADMIN_PASSWORD_HASH``) or with the admin token (``SEMCACHE_ADMIN_TOKEN``). Failed attempts are counted in
+Redis per client address (behind ``SEMCACHE_TRUSTED_PROXIES`` proxies: the forwarded one) and per account (the
+admin user, the token); past ``SEMCACHE_LOGIN_ATTEMPTS_PER_15MIN`` for the address or
+``SEMCACHE_LOGIN_ACCOUNT_ATTEMPTS_PER_15MIN`` for the account the login form answers 429 for a while. When the
+counters cannot be read the login is refused (503): a limit that fails open is no limit (issue 15).
+
+Every login is recorded server-side (:mod:`web.sessions`), and the guard checks the record on every request, so
+logout and a rotated credential end copies of the session cookie.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import time
 from urllib.parse import urlsplit
 
 import redis
-from flask import Blueprint, flash, redirect, render_template, request, session, url_for
+from flask import Blueprint, current_app, flash, redirect, render_template, request, session, url_for
 
 from .errors import ApiError
-from .security import check_csrf, check_login, csrf_token
+from .security import check_csrf, check_login, client_address, csrf_token
+from .sessions import end_session, record_login, session_is_live
 from .state import state
 
 __all__ = ["bp", "guard", "current_user"]
@@ -32,6 +40,8 @@ def guard(blueprint: Blueprint) -> None:
 
     @blueprint.before_request
     def _login_and_csrf():
+        if session.get("user") and not _live():
+            session.clear()  # logged out elsewhere, or the credential was rotated: this cookie is dead
         if not session.get("user"):
             if request.method == "GET":
                 return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
@@ -47,26 +57,45 @@ def _safe_next(target: str | None) -> str:
     return target
 
 
-def _failures_key() -> str:
-    return state().settings.key(f"loginfail:{request.remote_addr or 'unknown'}")
+def _live() -> bool:
+    """Whether this session's login is still recorded (a Redis failure raises: the request answers 503)."""
+    st = state()
+    return session_is_live(st.redis, st.settings, current_app.secret_key, sid=session.get("sid", ""),
+                           user=session.get("user", ""))
 
 
-def _too_many() -> bool:
-    try:
-        count = state().redis.get(_failures_key())
-    except redis.RedisError:
-        return False  # a login must not depend on the counter; the password check still applies
-    return int(count or 0) >= state().settings.login_attempts_per_15min
+def _account() -> str:
+    """Which account a login attempt is for: the token, or the user name given with a password."""
+    if request.form.get("token"):
+        return "token"
+    return "user:" + hashlib.sha256(request.form.get("username", "").encode("utf-8", "replace")).hexdigest()[:32]
+
+
+def _failure_keys() -> tuple[str, str]:
+    s = state().settings
+    return s.key(f"loginfail:{client_address(s)}"), s.key(f"loginfail-account:{_account()}")
+
+
+def _too_many() -> str | None:
+    """Why this attempt is refused ("address", "account"), or None. Raises ``redis.RedisError``: fail closed."""
+    s = state().settings
+    by_address, by_account = state().redis.mget(list(_failure_keys()))
+    if int(by_address or 0) >= s.login_attempts_per_15min:
+        return "address"
+    if int(by_account or 0) >= s.login_account_attempts_per_15min:
+        return "account"
+    return None
 
 
 def _count_failure() -> None:
     try:
         pipe = state().redis.pipeline(transaction=False)
-        pipe.incr(_failures_key())
-        pipe.expire(_failures_key(), 15 * 60)
+        for key in _failure_keys():
+            pipe.incr(key)
+            pipe.expire(key, 15 * 60)
         pipe.execute()
     except redis.RedisError:
-        pass
+        pass  # the next attempt reads the counters first, and is refused if Redis is still away
 
 
 @bp.route("/login", methods=["GET", "POST"])
@@ -78,9 +107,16 @@ def login():
         csrf_token()
         return render_template("login.html", methods=methods, next=next_url, error=None)
     check_csrf()
-    if _too_many():
+    try:
+        refused = _too_many()
+    except redis.RedisError:
         return render_template("login.html", methods=methods, next=next_url,
-                               error="Too many failed attempts from this address; try again in 15 minutes."), 429
+                               error="Logins are unavailable: the attempt counter cannot be read (Redis is "
+                                     "unavailable); try again shortly."), 503
+    if refused:
+        which = "from this address" if refused == "address" else "for this account"
+        return render_template("login.html", methods=methods, next=next_url,
+                               error=f"Too many failed attempts {which}; try again in 15 minutes."), 429
     user = check_login(settings, username=request.form.get("username", ""), password=request.form.get("password", ""),
                        token=request.form.get("token", ""))
     if user is None:
@@ -88,11 +124,17 @@ def login():
         time.sleep(0.2)  # a little friction for guessers; the counter does the real limiting
         return render_template("login.html", methods=methods, next=next_url,
                                error="Wrong credentials."), 401
+    sid = secrets.token_hex(16)  # names this login's server-side state (its record, its recent actions)
+    try:
+        record_login(state().redis, settings, current_app.secret_key, sid=sid, user=user)
+    except redis.RedisError:
+        return render_template("login.html", methods=methods, next=next_url,
+                               error="Logins are unavailable: Redis is unavailable; try again shortly."), 503
     session.clear()  # a new session (and a new CSRF token) on every login: no session fixation
     session.permanent = True
     session["user"] = user
     session["login_at"] = time.time()
-    session["sid"] = secrets.token_hex(16)  # names this login's server-side state (its recent actions)
+    session["sid"] = sid
     csrf_token()
     flash(f"Signed in as {user}.", "ok")
     return redirect(next_url)
@@ -101,6 +143,9 @@ def login():
 @bp.post("/logout")
 def logout():
     check_csrf()
+    if session.get("sid"):
+        st = state()
+        end_session(st.redis, st.settings, session["sid"])  # copies of the cookie end too; Redis down: 503
     session.clear()
     flash("Signed out.", "ok")
     return redirect(url_for("auth.login"))

@@ -26,6 +26,7 @@ __all__ = [
     "csrf_token",
     "check_csrf",
     "check_login",
+    "client_address",
     "add_security_headers",
     "CSP",
 ]
@@ -71,6 +72,24 @@ def check_csrf() -> None:
     if not expected or not hmac.compare_digest(sent.encode(), expected.encode()):
         abort(400, description="the form expired or did not come from this site (CSRF check failed); reload "
                                "the page and try again")
+
+
+def client_address(settings: Settings) -> str:
+    """The client's address: the peer's, or with ``SEMCACHE_TRUSTED_PROXIES=N`` the N-th value from the right of
+    ``X-Forwarded-For`` (werkzeug ProxyFix's ``x_for``: each trusted proxy appends the address it saw, so values
+    further left are the client's own text and never trusted). Behind a TLS proxy the peer is always the proxy, so
+    without this every client would share one login limit (issue 15)."""
+    peer = request.remote_addr or "unknown"
+    hops = settings.trusted_proxies
+    forwarded = request.headers.get("X-Forwarded-For", "")
+    if hops <= 0 or not forwarded:
+        return peer
+    values = [v.strip() for v in forwarded.split(",")]
+    if len(values) < hops:
+        return peer
+    value = values[-hops]
+    # an address, never free text, in a Redis key name
+    return value[:64] if value and all(c in "0123456789abcdefABCDEF.:[]" for c in value) else peer
 
 
 def check_login(settings: Settings, *, username: str = "", password: str = "", token: str = "") -> str | None:
