@@ -82,7 +82,7 @@ class AsyncSemanticCache:
         if result is not None:
             return result, None
         t0 = time.perf_counter()
-        vector = (await asyncio.to_thread(core.embedder.embed, [prompt]))[0]
+        vector = (await asyncio.to_thread(core._embed, [prompt], sc))[0]
         embed_ms = (time.perf_counter() - t0) * 1000
         t1 = time.perf_counter()
         try:

@@ -27,7 +27,7 @@ import numpy as np
 import redis
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from .embedder import Embedder
+from .embedder import CachedEmbedder, Embedder
 from .errors import BackendUnavailable, InvalidInput
 from .index import IndexSpec, alias_name, ensure_index
 from .policy import MatchPolicy, make_policy
@@ -249,7 +249,7 @@ class SemanticCache:
         embed_ms = 0.0
         if todo:
             t0 = time.perf_counter()
-            vectors = self.embedder.embed([prompts[i] for i in todo])
+            vectors = self._embed([prompts[i] for i in todo], sc)
             embed_ms = (time.perf_counter() - t0) * 1000 / len(todo)
         results: list[LookupResult] = []
         row = {i: n for n, i in enumerate(todo)}
@@ -265,9 +265,19 @@ class SemanticCache:
         if result is not None:
             return result, None
         t0 = time.perf_counter()
-        vector = self.embedder.embed([prompt])[0]
+        vector = self._embed([prompt], sc)[0]
         embed_ms = (time.perf_counter() - t0) * 1000
         return self._semantic_phase(ctx, vector, embed_ms), vector
+
+    def _embed(self, texts: list[str], sc: Scope) -> np.ndarray:
+        """The vectors of ``texts`` for a lookup in ``sc``: the model's LRU is asked in the tenant's own partition.
+
+        Issue 15: a shared LRU answered tenant B at once with the vector of a prompt tenant A had just asked, and
+        the time of B's lookup told B so. Same-tenant repeats keep the LRU's speedup.
+        """
+        if isinstance(self.embedder, CachedEmbedder):
+            return self.embedder.embed(texts, partition=sc.tenant)
+        return self.embedder.embed(texts)
 
     # Each phase is a request (the Redis commands to send) and a reply (what the answer means), so the sync path
     # here and the asyncio path (cache_core.aio) share everything but the I/O.
@@ -388,7 +398,7 @@ class SemanticCache:
             (calibration,) = pipe.execute()
             ctx = {"scope": sc, "params": _merge_params(calibration), "min": None}
             if vector is None:
-                vector = self.embedder.embed([prompt])[0]
+                vector = self._embed([prompt], sc)[0]
             return self._knn(ctx, vector), self._threshold(ctx), ctx["params"]
         except redis.RedisError as exc:
             raise BackendUnavailable(f"Redis failed while fetching candidates: {exc}") from exc

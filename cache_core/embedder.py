@@ -160,14 +160,19 @@ def _normalize(vectors: np.ndarray) -> np.ndarray:
 
 
 class EmbeddingCache:
-    """A small thread-safe LRU of prompt -> vector, so repeated prompts skip the model."""
+    """A small thread-safe LRU of (partition, prompt) -> vector, so repeated prompts skip the model.
+
+    The partition is the tenant on the read path (issue 15): a vector cached for tenant A that answered tenant B
+    at once would tell B, by the time its lookup took (``embed_ms``, or just the reply's latency), that someone
+    asked exactly that prompt. Tenants share the size, not the vectors.
+    """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._data: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._data: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> np.ndarray | None:
+    def get(self, key: tuple[str, str]) -> np.ndarray | None:
         if not self.size:
             return None
         with self._lock:
@@ -176,7 +181,7 @@ class EmbeddingCache:
                 self._data.move_to_end(key)
             return value
 
-    def put(self, key: str, value: np.ndarray) -> None:
+    def put(self, key: tuple[str, str], value: np.ndarray) -> None:
         if not self.size:
             return
         with self._lock:
@@ -229,15 +234,17 @@ class CachedEmbedder(abc.ABC):
         """Forget every cached embedding."""
         self._cache = EmbeddingCache(self._cache.size)
 
-    def cached(self, text: str) -> np.ndarray | None:
-        """The vector of ``text`` if the LRU has it (no model call)."""
-        return self._cache.get(text)
+    def cached(self, text: str, *, partition: str = "") -> np.ndarray | None:
+        """The vector of ``text`` if the LRU has it in ``partition`` (no model call)."""
+        return self._cache.get((partition, text))
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
+    def embed(self, texts: Sequence[str], *, partition: str = "") -> np.ndarray:
+        """Unit vectors of ``texts``; the LRU answers only texts embedded before in the same ``partition`` (the
+        read path passes the tenant: see :class:`EmbeddingCache`)."""
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         todo: list[int] = []
         for i, t in enumerate(texts):
-            cached = self._cache.get(t)
+            cached = self._cache.get((partition, t))
             if cached is None:
                 todo.append(i)
             else:
@@ -249,7 +256,7 @@ class CachedEmbedder(abc.ABC):
             for i in todo:
                 out[i] = by_text[texts[i]]
             for t, v in by_text.items():
-                self._cache.put(t, v)
+                self._cache.put((partition, t), v)
         return out
 
     def _embed_shared(self, texts: list[str]) -> np.ndarray:

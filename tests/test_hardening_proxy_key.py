@@ -68,7 +68,8 @@ def test_every_answer_changing_parameter_is_its_own_scope(param):
     shaped = key_of({"messages": [SYSTEM, QUESTION], param: ANSWER_CHANGING[param]})
     assert not shaped.bypass and shaped.scope != base.scope
     # and without anything before the question as well
-    assert key_of({"messages": [QUESTION], param: ANSWER_CHANGING[param]}).scope != key_of({"messages": [QUESTION]}).scope
+    alone = key_of({"messages": [QUESTION], param: ANSWER_CHANGING[param]})
+    assert alone.scope != key_of({"messages": [QUESTION]}).scope
 
 
 def test_answer_changing_parameters_are_all_distinct_from_each_other():

@@ -600,7 +600,7 @@ def _write_back(ps: ProxyState, ck: CacheKey, lookup: LookupResult | None, req: 
     if lookup is not None and not lookup.degraded:
         # the lookup embedded this prompt a moment ago: its vector is in the embedder's LRU (no second model call)
         cached = getattr(ps.web.cache().embedder, "cached", None)
-        found = cached(ck.prompt, partition=ck.scope.tenant) if cached is not None else None  # the lookup's partition
+        found = cached(ck.prompt, partition=ck.scope.tenant) if cached is not None else None  # the lookup's tenant
         vector = [float(x) for x in found] if found is not None else None
     metadata: dict[str, Any] = {**_tokens(done["usage"], req, done["content"]), "via": "proxy"}
     if isinstance(done.get("model"), str):
