@@ -6,13 +6,20 @@ The worker stores them; the admin UI lists, inspects and replays them, and so do
 
 Storage: the hash ``<index>:deadletters`` (id -> JSON record) and the sorted set ``<index>:deadletters:order``
 (id -> time), so one letter is read or removed in O(1) and the list pages newest first. The list is bounded by
-``SEMCACHE_DEADLETTER_MAXLEN`` (the oldest are dropped). A write command's embedding is not kept (it is recomputed
-when the letter is replayed); its prompt and response are, so the list is as sensitive as the cache itself and only
-ever shown to admins (never logged).
+``SEMCACHE_DEADLETTER_MAXLEN`` letters, ``SEMCACHE_DEADLETTER_MAX_BYTES`` bytes of JSON (the running total in
+``<index>:deadletters:bytes``) and ``SEMCACHE_DEADLETTER_TTL_S`` of age: the oldest go first. The keys carry no
+Redis TTL, so a ``volatile-*`` eviction never takes them; the age limit is applied by every store and every read.
+Storing, trimming and removing run as Lua scripts, so the total stays equal to what the hash holds. A letter whose
+arguments alone exceed 1/16 of the byte bound keeps its reason but not its arguments (``kwargs_dropped_bytes``):
+before issue 15 the bound was a count only, and one repeatedly failing 1,000-command task could fill Redis.
+
+A write command's embedding is not kept (it is recomputed when the letter is replayed); its prompt and response
+are, so the list is as sensitive as the cache itself and only ever shown to admins (never logged).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -30,6 +37,7 @@ __all__ = [
     "push_dead_letter",
     "list_dead_letters",
     "count_dead_letters",
+    "dead_letter_bytes",
     "get_dead_letter",
     "remove_dead_letter",
     "replay_dead_letters",
@@ -50,10 +58,79 @@ class DeadLetter(BaseModel):
     task_id: str | None = None
     tenant: str | None = None
     at: float = Field(default_factory=time.time)
+    kwargs_dropped_bytes: int = Field(0, description="Bytes of arguments not kept (too large); 0: all kept.")
 
 
 def _keys(settings: Settings) -> tuple[str, str]:
     return settings.key("deadletters"), settings.key("deadletters:order")
+
+
+def _bytes_key(settings: Settings) -> str:
+    return settings.key("deadletters:bytes")
+
+
+# Shared by both scripts: drop one letter and take its bytes off the total (HSTRLEN, so letters stored before the
+# total existed are accounted for too); a missing total is rebuilt from the hash once.
+_LUA_COMMON = """
+local data, order, total = KEYS[1], KEYS[2], KEYS[3]
+if redis.call('EXISTS', total) == 0 then
+  local sum = 0
+  local all = redis.call('HKEYS', data)
+  for _, id in ipairs(all) do sum = sum + redis.call('HSTRLEN', data, id) end
+  redis.call('SET', total, sum)
+end
+local function drop(id)
+  local size = redis.call('HSTRLEN', data, id)
+  local removed = redis.call('HDEL', data, id)
+  redis.call('ZREM', order, id)
+  if removed == 1 then redis.call('DECRBY', total, size) end
+  return removed
+end
+local function trim(maxlen, maxbytes, cutoff)
+  local dropped = 0
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', order, '-inf', '(' .. cutoff)) do dropped = dropped + drop(id) end
+  while redis.call('ZCARD', order) > maxlen or tonumber(redis.call('GET', total)) > maxbytes do
+    local oldest = redis.call('ZRANGE', order, 0, 0)
+    if #oldest == 0 then break end
+    dropped = dropped + drop(oldest[1])
+  end
+  return dropped
+end
+"""
+# ARGV: id, json, at, maxlen, maxbytes, cutoff. Returns how many letters were dropped to make room.
+_PUSH = _LUA_COMMON + """
+drop(ARGV[1])
+redis.call('HSET', data, ARGV[1], ARGV[2])
+redis.call('ZADD', order, ARGV[3], ARGV[1])
+redis.call('INCRBY', total, string.len(ARGV[2]))
+return trim(tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6])
+"""
+# ARGV: id ('' for none), maxlen, maxbytes, cutoff. Returns 1 when the letter was removed by this call.
+_REMOVE = _LUA_COMMON + """
+local removed = 0
+if ARGV[1] ~= '' then removed = drop(ARGV[1]) end
+trim(tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4])
+return removed
+"""
+
+
+def _limits(settings: Settings, now: float | None = None) -> list[Any]:
+    cutoff = (now if now is not None else time.time()) - settings.deadletter_ttl_s
+    return [settings.deadletter_maxlen, settings.deadletter_max_bytes, repr(cutoff)]
+
+
+def _script_keys(settings: Settings) -> list[str]:
+    return [*_keys(settings), _bytes_key(settings)]
+
+
+def _expire(client: redis.Redis, settings: Settings) -> None:
+    """Apply the age (and size) bounds now: reads call it so a listing never shows a letter past its age."""
+    client.eval(_REMOVE, 3, *_script_keys(settings), "", *_limits(settings))
+
+
+def dead_letter_bytes(client: redis.Redis, settings: Settings) -> int:
+    """Bytes of JSON the stored dead letters take (the total the bound applies to)."""
+    return int(client.get(_bytes_key(settings)) or 0)
 
 
 def _strip(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -69,22 +146,25 @@ def _strip(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def push_dead_letter(client: redis.Redis, settings: Settings, letter: DeadLetter) -> str:
-    """Store a dead letter (and drop the oldest beyond the bound). Returns its id."""
+    """Store a dead letter (and drop the oldest beyond the count, byte and age bounds). Returns its id.
+
+    Arguments larger than 1/16 of ``SEMCACHE_DEADLETTER_MAX_BYTES`` are not kept (``kwargs_dropped_bytes`` says how
+    many bytes they were), so one letter never pushes out all the others.
+    """
     letter = letter.model_copy(update={"kwargs": _strip(letter.kwargs)})
-    data, order = _keys(settings)
+    raw = letter.model_dump_json()
+    if len(raw.encode("utf-8", "surrogatepass")) > settings.deadletter_max_bytes // 16:
+        dropped = len(json.dumps(letter.kwargs, default=str).encode("utf-8", "surrogatepass"))
+        letter = letter.model_copy(update={"kwargs": {}, "kwargs_dropped_bytes": dropped,
+                                           "reason": letter.reason[:2000]})
+        raw = letter.model_dump_json()
     try:
-        pipe = client.pipeline(transaction=True)
-        pipe.hset(data, letter.id, letter.model_dump_json())
-        pipe.zadd(order, {letter.id: letter.at})
-        pipe.zcard(order)
-        size = pipe.execute()[2]
-        excess = int(size) - settings.deadletter_maxlen
-        if excess > 0:
-            oldest = [text(i) for i, _ in client.zpopmin(order, excess)]
-            if oldest:
-                client.hdel(data, *oldest)
+        trimmed = client.eval(_PUSH, 3, *_script_keys(settings), letter.id, raw, repr(letter.at),
+                              *_limits(settings))
     except redis.RedisError as exc:
         raise BackendUnavailable(f"cannot store the dead letter of task {letter.task_id}: {exc}") from exc
+    if trimmed:
+        log.info("dropped %d old dead letter(s) to stay within the bounds", int(trimmed))
     return letter.id
 
 
@@ -100,6 +180,7 @@ def list_dead_letters(client: redis.Redis, settings: Settings, *, offset: int = 
                       tenant: str | None = None) -> list[DeadLetter]:
     """Dead letters, newest first. With ``tenant``, only that tenant's (filtered after paging)."""
     data, order = _keys(settings)
+    _expire(client, settings)
     ids = [text(i) for i in client.zrevrange(order, offset, offset + max(limit, 0) - 1)] if limit > 0 else []
     if not ids:
         return []
@@ -108,6 +189,7 @@ def list_dead_letters(client: redis.Redis, settings: Settings, *, offset: int = 
 
 
 def count_dead_letters(client: redis.Redis, settings: Settings) -> int:
+    _expire(client, settings)
     return int(client.zcard(_keys(settings)[1]))
 
 
@@ -118,11 +200,7 @@ def get_dead_letter(client: redis.Redis, settings: Settings, letter_id: str) -> 
 
 def remove_dead_letter(client: redis.Redis, settings: Settings, letter_id: str) -> bool:
     """Delete one dead letter. True for the one caller that removed it (so two replays never send it twice)."""
-    data, order = _keys(settings)
-    pipe = client.pipeline(transaction=True)
-    pipe.hdel(data, letter_id)
-    pipe.zrem(order, letter_id)
-    return bool(pipe.execute()[0])
+    return bool(client.eval(_REMOVE, 3, *_script_keys(settings), letter_id, *_limits(settings)))
 
 
 def replay_dead_letters(client: redis.Redis, settings: Settings, send: Callable[[str, dict[str, Any]], str], *,

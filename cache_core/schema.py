@@ -252,6 +252,66 @@ class CacheEntry(EntryView):
         return self.model_dump(mode="json")
 
 
+# Limits of caller metadata that Redis would otherwise refuse (issue 15): RedisJSON refuses a document nested deeper
+# than 128 levels and an integer beyond 64 bits, reads an integer below -2**63 back as a float, and a refusal used to
+# be retried and dead-lettered as if Redis were down. Checked by WriteCommand, so the HTTP API, the proxy and the
+# worker refuse the same input.
+MAX_METADATA_DEPTH = 32  # levels of objects and arrays, metadata itself being the first
+MAX_TOKEN_COUNT = 100_000_000  # prompt_tokens / completion_tokens of one answer: far above any context window
+TOKEN_FIELDS = ("prompt_tokens", "completion_tokens")  # what the savings metrics add up (cache_core.stats)
+_I64 = (-(2**63), 2**63 - 1)
+
+
+def _check_metadata(metadata: dict[str, Any]) -> None:
+    """Raise ValueError (naming the place, never the value) for metadata Redis would refuse or the metrics misread.
+
+    >>> _check_metadata({"prompt_tokens": 12, "tags": [["a"]]})
+    >>> _check_metadata({"n": 10**400})
+    Traceback (most recent call last):
+    ...
+    ValueError: metadata.n: an integer outside the signed 64-bit range
+    """
+    for name in TOKEN_FIELDS:
+        if name in metadata:
+            count = metadata[name]
+            if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MAX_TOKEN_COUNT:
+                raise ValueError(f"metadata.{name}: must be an integer from 0 to {MAX_TOKEN_COUNT:,} (the savings "
+                                 "metrics add it up)")
+    stack: list[tuple[Any, str, int]] = [(metadata, "metadata", 1)]
+    seen = 0
+    while stack:  # iterative: the depth limit must be found before anything recurses into the data
+        value, where, depth = stack.pop()
+        seen += 1
+        if seen > 10_000:  # every value takes at least one character of JSON: too large whatever it holds
+            raise ValueError("metadata is larger than 10,000 characters of JSON")
+        if isinstance(value, (dict, list, tuple)):
+            if depth > MAX_METADATA_DEPTH:
+                raise ValueError(f"{where[:200]}: metadata nests more than {MAX_METADATA_DEPTH} levels of objects "
+                                 "and arrays")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str) and not key.isascii():
+                    _valid_utf8(key, f"{where[:200]} key")
+                stack.append((item, f"{where}.{key}"[:300], depth + 1))
+        elif isinstance(value, bool) or value is None:
+            continue
+        elif isinstance(value, int):
+            if not _I64[0] <= value <= _I64[1]:
+                raise ValueError(f"{where[:200]}: an integer outside the signed 64-bit range")
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise ValueError(f"{where[:200]}: NaN or infinity is not JSON")
+        elif isinstance(value, str) and not value.isascii():
+            _valid_utf8(value, where[:200])
+
+
+def _valid_utf8(value: str, where: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{where}: a lone surrogate (invalid UTF-8)") from None
+
+
 class WriteCommand(BaseModel):
     """What the read path (or the HTTP API) hands to the write queue after a miss. Plain JSON-able data."""
 
@@ -293,6 +353,7 @@ class WriteCommand(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _metadata_size(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _check_metadata(value)  # first: json.dumps of very deep data would hit the recursion limit
         if len(json.dumps(value, default=str)) > 10_000:
             raise ValueError("metadata is larger than 10,000 characters of JSON")
         return value

@@ -219,6 +219,17 @@ class Settings(BaseSettings):
         "0: 2 x (task time limit + longest retry delay). Must exceed task time limit + longest retry delay.",
     )
     deadletter_maxlen: int = Field(10_000, ge=10, description="Dead letters kept (the oldest are dropped).")
+    deadletter_max_bytes: int = Field(
+        64 * 1024 * 1024, ge=64 * 1024, description="Bytes of JSON all dead letters may take (the oldest are dropped "
+        "first); one letter keeps its arguments only if they fit in 1/16 of this.",
+    )
+    deadletter_ttl_s: int = Field(
+        14 * 24 * 3600, ge=60, description="Age after which a dead letter is dropped (on the next store or read).",
+    )
+    task_result_ttl_s: int = Field(
+        3600, ge=60, le=7 * 24 * 3600, description="How long a task's result (and its state for GET "
+        "/api/v1/tasks/<id>) is kept.",
+    )
     worker_model_threads: int = Field(
         0, ge=0, le=256, description="Threads of the model in each worker process; 0: (cores - 1) / processes."
     )

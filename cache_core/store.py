@@ -21,7 +21,8 @@ import redis
 from pydantic import ValidationError
 
 from .connection import text
-from .errors import BackendUnavailable, InvalidInput
+from .errors import BackendUnavailable, ConfigError, InvalidInput
+from .rediserrors import redis_failure
 from .schema import (
     SCHEMA_VERSION,
     CacheEntry,
@@ -207,9 +208,9 @@ def write_entries(client: redis.Redis, settings: Settings, entries: list[CacheEn
                 reads.execute_command("JSON.MGET", *watched, "$.provenance.task_id")
                 *types, found_mod, found_task = reads.execute()
                 foreign = [k for k, t in zip(watched, types) if text(t) not in ("none", "ReJSON-RL")]
-                if foreign:  # never overwrite (or set a TTL on) a key semcache did not write
-                    raise BackendUnavailable(f"key {foreign[0]} holds a {text(types[watched.index(foreign[0])])}, "
-                                             "not a cache entry; remove it or change SEMCACHE_INDEX")
+                if foreign:  # never overwrite (or set a TTL on) a key semcache did not write; not retried (issue 15)
+                    raise ConfigError(f"key {foreign[0]} holds a {text(types[watched.index(foreign[0])])}, "
+                                      "not a cache entry; remove it or change SEMCACHE_INDEX")
                 outcomes: dict[int, WriteOutcome] = {}
                 pipe.multi()
                 for i, raw_mod, raw_task in zip(unique, found_mod, found_task):
@@ -230,9 +231,9 @@ def write_entries(client: redis.Redis, settings: Settings, entries: list[CacheEn
             return [outcomes.get(i, "superseded") for i in range(len(entries))]
         except redis.WatchError:
             continue
-        except redis.RedisError as exc:
-            raise BackendUnavailable(f"write of {len(unique)} entr{'y' if len(unique) == 1 else 'ies'} "
-                                     f"({entries[unique[0]].id}...) failed: {exc}") from exc
+        except redis.RedisError as exc:  # a refusal of the data is InvalidInput, not "Redis down" (issue 15)
+            raise redis_failure(exc, f"write of {len(unique)} entr{'y' if len(unique) == 1 else 'ies'} "
+                                     f"({entries[unique[0]].id}...)") from exc
     raise BackendUnavailable(f"write of entry {entries[0].id} kept conflicting with concurrent changes")
 
 
@@ -252,35 +253,41 @@ def _first(raw: Any) -> Any:
 
 
 def set_status(client: redis.Redis, settings: Settings, entry_id_: str, status: Status, *, by: str = "",
-               reason: str = "", response: str | None = None, tenant: str | None = None) -> bool:
+               reason: str = "", response: str | None = None, tenant: str | None = None, attempts: int = 10) -> bool:
     """A moderator's decision (and optionally an edited response). Returns False when the entry is gone
-    (or belongs to another tenant than ``tenant``)."""
+    (or belongs to another tenant than ``tenant``).
+
+    A concurrent change of the entry between the read and the write is retried ``attempts`` times, then
+    :class:`BackendUnavailable` (retryable: the task tries again later). It used to retry by recursing, with no
+    bound (issue 15).
+    """
     key = settings.key_prefix + entry_id_
-    moderation = Moderation(status=status, by=by, at=time.time(), reason=reason)
-    try:
-        with client.pipeline(transaction=True) as pipe:
-            pipe.watch(key)
-            current = pipe.execute_command("JSON.GET", key, "$.scope.tenant")
-            if not current:
-                return False
-            if tenant is not None and _first(current) != tenant:
-                return False
-            pipe.multi()
-            pipe.execute_command("JSON.SET", key, "$.status", json.dumps(status.value))
-            pipe.execute_command("JSON.SET", key, "$.moderation", moderation.model_dump_json())
-            pipe.execute_command("JSON.SET", key, "$.updated_at", json.dumps(moderation.at))
-            if response is not None:
-                pipe.execute_command("JSON.SET", key, "$.response", json.dumps(response, ensure_ascii=False))
-                pipe.execute_command("JSON.SET", key, "$.group", json.dumps(answer_group(response)))
-            audit(pipe, settings, event="status", id=entry_id_, status=status.value, by=by, reason=reason,
-                  tenant=_first(current))
-            pipe.execute()
-        return True
-    except redis.WatchError:
-        return set_status(client, settings, entry_id_, status, by=by, reason=reason, response=response,
-                          tenant=tenant)
-    except redis.RedisError as exc:
-        raise BackendUnavailable(f"status change of {entry_id_} failed: {exc}") from exc
+    for _ in range(max(1, attempts)):
+        moderation = Moderation(status=status, by=by, at=time.time(), reason=reason)
+        try:
+            with client.pipeline(transaction=True) as pipe:
+                pipe.watch(key)
+                current = pipe.execute_command("JSON.GET", key, "$.scope.tenant")
+                if not current:
+                    return False
+                if tenant is not None and _first(current) != tenant:
+                    return False
+                pipe.multi()
+                pipe.execute_command("JSON.SET", key, "$.status", json.dumps(status.value))
+                pipe.execute_command("JSON.SET", key, "$.moderation", moderation.model_dump_json())
+                pipe.execute_command("JSON.SET", key, "$.updated_at", json.dumps(moderation.at))
+                if response is not None:
+                    pipe.execute_command("JSON.SET", key, "$.response", json.dumps(response, ensure_ascii=False))
+                    pipe.execute_command("JSON.SET", key, "$.group", json.dumps(answer_group(response)))
+                audit(pipe, settings, event="status", id=entry_id_, status=status.value, by=by, reason=reason,
+                      tenant=_first(current))
+                pipe.execute()
+            return True
+        except redis.WatchError:
+            continue
+        except redis.RedisError as exc:  # a key of another type is a ConfigError, not "Redis down" (issue 15)
+            raise redis_failure(exc, f"status change of {entry_id_}") from exc
+    raise BackendUnavailable(f"status change of {entry_id_} kept conflicting with concurrent changes")
 
 
 def delete_entries(client: redis.Redis, settings: Settings, ids: list[str], *, by: str = "", reason: str = "",

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -28,15 +29,15 @@ from semcache.cli import cli
 from tests.fixtures_worker import ROOT, make_command, run_task, settings_env
 
 
-def test_a_task_that_exhausts_its_retries_lands_in_the_dead_letters_and_replay_dead_writes_it(
+def test_a_task_that_fails_for_good_lands_in_the_dead_letters_and_replay_dead_writes_it(
         worker_settings, celery_app, celery_worker, redis_client):
     tenant = f"d-{uuid.uuid4().hex[:8]}"
     prompt = "What is the melting point of iron?"
     key = worker_settings.key_prefix + entry_id(prompt, Scope(tenant=tenant))
-    redis_client.set(key, "a key some other program wrote")  # every write of this entry now fails (retryable)
+    redis_client.set(key, "a key some other program wrote")  # every write of this entry now fails (not retried)
     command = make_command(tenant, prompt, "About 1538 C.", embedding=[0.05] * 384)
     failed = run_task(celery_app, WRITE_ENTRY, command=command)
-    assert failed.state == "FAILURE" and type(failed.result).__name__ == "BackendUnavailable"
+    assert failed.state == "FAILURE" and type(failed.result).__name__ == "ConfigError"
     assert redis_client.get(key) == b"a key some other program wrote"  # never overwritten, no TTL set on it
     assert redis_client.ttl(key) == -1
 
@@ -44,11 +45,11 @@ def test_a_task_that_exhausts_its_retries_lands_in_the_dead_letters_and_replay_d
     assert len(letters) == 1
     letter = letters[0]
     assert letter.task == WRITE_ENTRY and letter.tenant == tenant
-    assert letter.retries == worker_settings.max_retries
-    assert "gave up after 3 retries" in letter.reason and "not a cache entry" in letter.reason
+    assert letter.retries == 0  # a key of another type is not "Redis down": retrying cannot help (issue 15)
+    assert letter.reason.startswith("failed: ") and "not a cache entry" in letter.reason
     assert letter.kwargs["command"]["prompt"] == prompt and "embedding" not in letter.kwargs["command"]
     log = celery_worker.log_text()
-    assert "retry 3 of 3" in log and letter.id in log and prompt not in log
+    assert letter.id in log and prompt not in log
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEMCACHE_")}
     env.update(settings_env(worker_settings))
@@ -79,8 +80,9 @@ def test_invalid_commands_are_not_dead_letters(worker_settings, celery_app, redi
 
 def test_dead_letter_storage_is_bounded_newest_first_and_removal_happens_once(make_settings, redis_client):
     settings = make_settings(deadletter_maxlen=10)
+    base = time.time() - 1000  # within SEMCACHE_DEADLETTER_TTL_S: only the count bound drops letters here
     ids = [push_dead_letter(redis_client, settings, DeadLetter(task="semcache.purge", kwargs={"n": i},
-                                                               reason=f"r{i}", at=1000.0 + i, tenant=f"t{i % 2}"))
+                                                               reason=f"r{i}", at=base + i, tenant=f"t{i % 2}"))
            for i in range(13)]  # fmt: skip
     assert count_dead_letters(redis_client, settings) == 10
     listed = list_dead_letters(redis_client, settings, limit=100)
@@ -95,9 +97,10 @@ def test_dead_letter_storage_is_bounded_newest_first_and_removal_happens_once(ma
 
 def test_replay_removes_what_was_sent_and_puts_back_what_could_not_be(make_settings, redis_client):
     settings = make_settings()
-    first = push_dead_letter(redis_client, settings, DeadLetter(task="semcache.write_entry", at=1.0,
+    base = time.time() - 1000
+    first = push_dead_letter(redis_client, settings, DeadLetter(task="semcache.write_entry", at=base + 1,
                                                                 kwargs={"command": {"prompt": "p", "embedding": [1]}}))
-    second = push_dead_letter(redis_client, settings, DeadLetter(task="semcache.purge", at=2.0, kwargs={"ids": []}))
+    second = push_dead_letter(redis_client, settings, DeadLetter(task="semcache.purge", at=base + 2, kwargs={"ids": []}))
     sent = []
 
     def send(name, kwargs):

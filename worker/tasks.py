@@ -5,6 +5,8 @@ Task names and keyword arguments are the contract in :mod:`cache_core.tasks`. Ev
 - takes keyword arguments only; unknown extra arguments are logged (by name) and ignored;
 - rejects invalid input with :class:`~cache_core.errors.InvalidInput` (the task fails at once, is never retried,
   and the reason is logged without the offending text);
+- sorts Redis errors with :func:`cache_core.rediserrors.redis_failure`: a refusal of the data is invalid input, a
+  key of another type a configuration error (a dead letter at once), only an unavailable server is retried;
 - retries errors whose ``retryable`` is true (Redis down, a write that kept conflicting) with exponential backoff
   and jitter, up to ``SEMCACHE_MAX_RETRIES``; then, and on any unexpected error, stores a dead letter
   (:mod:`cache_core.deadletters`) that ``semcache worker replay-dead`` or the admin UI can send again;
@@ -18,11 +20,13 @@ import random
 import time
 from typing import Any, Callable
 
+import redis
 from celery import Celery, Task
 from celery.exceptions import Reject, Retry
 
 from cache_core.deadletters import DeadLetter, push_dead_letter
-from cache_core.errors import InvalidInput, SemcacheError
+from cache_core.errors import BackendUnavailable, InvalidInput, SemcacheError
+from cache_core.rediserrors import is_transient, is_wrong_type, redis_failure
 from cache_core.settings import Settings
 from cache_core.tasks import FEEDBACK, PURGE, SET_STATUS, WRITE_ENTRY
 
@@ -92,6 +96,22 @@ def _dead_letter(task: Task, kwargs: dict[str, Any], exc: BaseException, why: st
               type(exc).__name__, letter_id)
 
 
+def _classified(body: Callable[[Any, dict[str, Any]], dict[str, Any]], runtime: Any, given: dict[str, Any],
+                name: str) -> dict[str, Any]:
+    """``body(runtime, given)``, with a Redis error sorted by :func:`~cache_core.rediserrors.redis_failure` even
+    where a service function wrapped every Redis error as ``BackendUnavailable``: a refusal of the data is never
+    retried, a key of another type is a dead letter at once (issue 15)."""
+    try:
+        return body(runtime, given)
+    except BackendUnavailable as exc:
+        cause = exc.__cause__
+        if isinstance(cause, redis.RedisError) and (is_wrong_type(cause) or not is_transient(cause)):
+            raise redis_failure(cause, name) from cause
+        raise
+    except redis.RedisError as exc:  # a Redis error no service function wrapped
+        raise redis_failure(exc, name) from exc
+
+
 def _run(task: Task, args: tuple, kwargs: dict[str, Any], known: frozenset[str],
          body: Callable[[Any, dict[str, Any]], dict[str, Any]], *, counts_invalid: bool = False) -> dict[str, Any]:
     from .app import runtime_of
@@ -106,7 +126,7 @@ def _run(task: Task, args: tuple, kwargs: dict[str, Any], known: frozenset[str],
     try:
         if args:
             raise InvalidInput(f"{len(args)} positional argument(s) given; {task.name} takes keyword arguments only")
-        result = body(runtime, given)
+        result = _classified(body, runtime, given, task.name)
         if task.request.retries:
             result["retries"] = task.request.retries
         return result
@@ -153,6 +173,7 @@ def register(app: Celery) -> None:
         """Validate, check and write one command: ``command`` = a WriteCommand dict."""
         return _run(self, args, kwargs, frozenset({"command"}), lambda rt, kw: service.write_one(
             rt.client, rt.settings, rt.embedder, rt.pipeline, kw.get("command"), task_id=self.request.id,
+            judge=rt.judge,
         ), counts_invalid=True)  # fmt: skip
 
     @app.task(name=WRITE_ENTRIES, bind=True, throws=expected, shared=False)
@@ -171,7 +192,6 @@ def register(app: Celery) -> None:
             return service.write_commands(rt.client, rt.settings, rt.embedder, rt.pipeline, commands,
                                           task_id=self.request.id, judge=rt.judge)
 
-            judge=rt.judge,
         return _run(self, args, kwargs, frozenset({"commands", "embeddings"}), body, counts_invalid=True)
 
     @app.task(name=SET_STATUS, bind=True, throws=expected, shared=False)
