@@ -433,3 +433,72 @@ def test_the_login_fails_closed_when_its_counter_cannot_be_read(web_settings, em
         assert browser.get("/entries/").status_code in (302, 503)
     finally:
         app.extensions["semcache"].close()
+
+
+# --- item 13: lookups while Redis is down, for keys verified anywhere recently -----------------------------------
+def _http(url: str, method: str = "GET", headers: dict | None = None, body: dict | None = None) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def test_lookups_answer_misses_while_redis_is_down_for_keys_verified_by_any_endpoint_or_process(tmp_path,
+                                                                                               password_hash):
+    """The issue's run: a write (its key checked by POST /entries), Redis killed, then lookups. Under gunicorn with
+    two worker processes every lookup must be a degraded miss, whichever process answers and although no lookup
+    ever checked that key; a key never seen still gets 503, a malformed or revoked one 401, never a miss."""
+    from cache_core.apikeys import create_key, revoke_key
+    from cache_core.embedded import EmbeddedRedis
+    from cache_core.testing import test_settings
+
+    server = EmbeddedRedis(tmp_path / "redis", appendonly=False)
+    url = server.start()
+    settings = test_settings(url, data_dir=tmp_path / "data", admin_token="t" * 32)
+    redis_client = make_client(url, timeout_ms=5000)
+    tenant = unique_tenant()
+    key, _ = create_key(redis_client, settings, tenant=tenant)
+    revoked, revoked_record = create_key(redis_client, settings, tenant=tenant)
+    never_used, _ = create_key(redis_client, settings, tenant=tenant)
+    served = _Served(settings, tmp_path, workers=2, env={"SEMCACHE_REDIS_TIMEOUT_MS": "100",
+                                                         "SEMCACHE_BREAKER_COOLDOWN_MS": "500",
+                                                         "SEMCACHE_REDIS_WRITE_TIMEOUT_MS": "500",
+                                                         "SEMCACHE_ENQUEUE_TIMEOUT_MS": "500"})
+    lookup = {"prompt": "What are your opening hours?", "scope": {"locale": "en"}}
+    try:
+        served.wait_ready()
+        for k in (key, revoked):
+            status, body = _http(served.base + "/api/v1/entries", "POST", {"Authorization": f"Bearer {k}"},
+                                 {"prompt": "What are your opening hours?", "response": "9 to 5"})
+            assert status == 202, body
+        revoke_key(redis_client, settings, revoked_record.id)
+        for _ in range(4):  # a revoked key is refused (and forgotten) while Redis can say so
+            assert _http(served.base + "/api/v1/lookup", "POST", {"Authorization": f"Bearer {revoked}"},
+                         lookup)[0] == 401
+        server.stop()
+        answers = [_http(served.base + "/api/v1/lookup", "POST", {"Authorization": f"Bearer {key}"}, lookup)
+                   for _ in range(10)]
+        assert all(s == 200 and b["hit"] is False and b["degraded"] for s, b in answers), answers
+        assert _http(served.base + "/api/v1/lookup", "POST", {"Authorization": f"Bearer {never_used}"},
+                     lookup)[0] == 503
+        assert _http(served.base + "/api/v1/lookup", "POST", {"Authorization": f"Bearer {revoked}"},
+                     lookup)[0] == 503  # unknown now: it is not a miss
+        assert _http(served.base + "/api/v1/lookup", "POST", {"Authorization": "Bearer sc_nonsense"},
+                     lookup)[0] == 401
+        # the proxy shares the record: the key passes its check (and meets the missing upstream, not "unavailable")
+        status, body = _http(served.base + "/v1/models", "GET", {"Authorization": f"Bearer {key}"})
+        assert status == 503 and body["error"]["code"] == "upstream_not_configured", body
+    finally:
+        served.stop()
+        redis_client.close()
+        server.stop()
+    stored = b"".join(p.read_bytes() for p in (tmp_path / "data").rglob("*") if p.is_file())
+    assert key.split("_", 2)[2].encode() not in stored  # the record holds digests, never a key

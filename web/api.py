@@ -20,7 +20,7 @@ from flask import Blueprint, current_app, g, jsonify, request
 from pydantic import ValidationError
 
 from cache_core import browse
-from cache_core.apikeys import ApiKey, verify_key
+from cache_core.apikeys import ApiKey, parse_key, verify_key
 from cache_core.connection import make_client
 from cache_core.errors import BackendUnavailable
 from cache_core.schema import ID_PATTERN, WriteCommand, entry_id
@@ -52,6 +52,7 @@ from .apimodels import (
 )
 from .dispatch import send_task, task_record, task_status
 from .errors import ApiError, validation_error
+from .keymemo import shared_memo
 from .state import state
 
 __all__ = ["bp"]
@@ -78,6 +79,11 @@ def _authenticate() -> None:
         key = _lookup_key(presented.strip())
     else:
         key = verify_key(st.redis, st.settings, presented.strip())
+        memo = _lookup_auth().memo  # issue 15: a key any endpoint verified keeps its lookups answering
+        if key is None:
+            memo.forget(presented.strip())
+        else:
+            memo.remember(presented.strip(), key)
     if key is None:
         raise ApiError(401, "invalid or revoked API key", headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
     if request.endpoint == "api.lookup" and _lookup_auth().known_down():
@@ -101,16 +107,14 @@ class _LookupAuth:
     """Keys verified recently, and whether Redis is known to be down, so lookups keep answering (a degraded miss).
 
     Writes and admin reads keep failing with 503 while Redis is down; only ``POST /lookup`` uses this. A key is
-    remembered (as a digest, see :class:`web.proxy.KeyMemo`) for ``SEMCACHE_PROXY_KEY_GRACE_S`` after its last
-    successful check; its checks use a client with at most a 1 s timeout, and after a failure Redis is not asked
-    again for ``SEMCACHE_BREAKER_COOLDOWN_MS``.
+    remembered for ``SEMCACHE_PROXY_KEY_GRACE_S`` after its last successful check by any endpoint of any server
+    process (:class:`web.keymemo.SharedKeyMemo`, digests in the data directory); its checks use a client with at
+    most a 1 s timeout, and after a failure Redis is not asked again for ``SEMCACHE_BREAKER_COOLDOWN_MS``.
     """
 
     def __init__(self, st: Any) -> None:
-        from .proxy import KeyMemo
-
         self.settings = st.settings
-        self.memo = KeyMemo(st.settings.proxy_key_grace_s)
+        self.memo = shared_memo(st.settings)
         self.client = make_client(st.handle.url, timeout_ms=min(st.settings.redis_write_timeout_ms, 1000))
         self.down_until = 0.0
 
@@ -129,6 +133,8 @@ def _lookup_auth() -> _LookupAuth:
 
 
 def _lookup_key(presented: str) -> ApiKey | None:
+    if parse_key(presented) is None:
+        return None  # malformed: 401 whether Redis is up or not
     auth = _lookup_auth()
     if not auth.known_down():
         try:

@@ -245,7 +245,9 @@ class ProxyState:
         self.web = web
         self.settings = s
         self.upstream = Upstream(s)
-        self.memo = KeyMemo(s.proxy_key_grace_s)
+        from .keymemo import shared_memo  # issue 15: keys verified by any endpoint or process (data_dir)
+
+        self.memo = shared_memo(s)
         self.writeback = WriteBack(web.celery, web.redis, s)
         self.flights = InFlight()
         self._auth_client: redis.Redis | None = None
