@@ -127,15 +127,11 @@ def record_feedback(client: redis.Redis, settings: Settings, lookup_id: str, cor
             raise NotFound(f"no hit with lookup_id {lookup_id} in the last {settings.feedback_window_s}s",
                            field="lookup_id")
         entry_id, similarity = record.get("entry", ""), float(record.get("similarity", "0"))
-        # one rating per lookup: the first one wins, a retry of the same request changes nothing
-        first = client.hsetnx(lookup_key(settings, lookup_id), "rated", "1" if correct else "0")
-        if not first:
-            state = _read_state(client, settings, entry_id)
-            return FeedbackResult(lookup_id=lookup_id, entry_id=entry_id, correct=correct, similarity=similarity,
-                                  state=state or FeedbackState(), status=_read_status(client, settings, entry_id),
-                                  duplicate=True)
+        # one rating per lookup: the first one applied wins, a retry of the same request changes nothing. The mark
+        # is set in the transaction that updates the entry: marked first, a retry after a failed update was taken
+        # for a duplicate and the report was lost (issue 15)
         return apply_feedback(client, settings, entry_id, similarity, correct, tenant=record.get("tenant"),
-                              by=by, lookup_id=lookup_id)
+                              by=by, lookup_id=lookup_id, rated_key=lookup_key(settings, lookup_id))
     except redis.RedisError as exc:
         raise BackendUnavailable(f"Redis failed while recording feedback: {exc}") from exc
 
@@ -171,14 +167,15 @@ def entry_feedback(metadata: Any) -> FeedbackState:
 
 
 def apply_feedback(client: redis.Redis, settings: Settings, entry_id: str, similarity: float | None, correct: bool,
-                   *, tenant: str | None = None, by: str = "", lookup_id: str = "", reason: str = ""
-                   ) -> FeedbackResult:
+                   *, tenant: str | None = None, by: str = "", lookup_id: str = "", reason: str = "",
+                   rated_key: str | None = None) -> FeedbackResult:
     """Update one entry's feedback state (and maybe demote it): what :func:`record_feedback` and
     :func:`record_entry_feedback` share.
 
     ``similarity`` is that of the rated hit; ``None`` for a report on the entry itself, which counts but moves no
     similarity floor and is never an "exact hit". ``semcache eval --feedback-rate`` calls this directly, with the
-    entry and similarity it just saw.
+    entry and similarity it just saw. With ``rated_key`` (the lookup's log record), a lookup already rated changes
+    nothing (``duplicate``), and the record is marked rated in the same transaction as the entry's update.
     """
     from .store import audit, set_status
 
@@ -187,7 +184,13 @@ def apply_feedback(client: redis.Redis, settings: Settings, entry_id: str, simil
     for _ in range(10):
         try:
             with client.pipeline(transaction=True) as pipe:
-                pipe.watch(key)
+                pipe.watch(key, *([rated_key] if rated_key else []))
+                if rated_key and pipe.hexists(rated_key, "rated"):
+                    pipe.reset()
+                    return FeedbackResult(lookup_id=lookup_id, entry_id=entry_id, correct=correct,
+                                          similarity=similarity,
+                                          state=_read_state(client, settings, entry_id) or FeedbackState(),
+                                          status=_read_status(client, settings, entry_id), duplicate=True)
                 raw = pipe.execute_command("JSON.GET", key, "$.scope.tenant", f'$.metadata["{FEEDBACK_KEY}"]',
                                            "$.status")
                 found = _json(raw) if raw else None
@@ -213,6 +216,8 @@ def apply_feedback(client: redis.Redis, settings: Settings, entry_id: str, simil
                         and state.wrong > state.correct)
                 ))  # fmt: skip
                 pipe.multi()
+                if rated_key:
+                    pipe.hset(rated_key, "rated", "1" if correct else "0")
                 pipe.execute_command("JSON.SET", key, f'$.metadata["{FEEDBACK_KEY}"]', state.model_dump_json())
                 audit(pipe, settings, event="feedback", id=entry_id, status=status, by=by,
                       reason=_audit_reason(correct, similarity, reason), tenant=owner)

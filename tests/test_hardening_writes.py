@@ -25,6 +25,8 @@ from cache_core.deadletters import (
     remove_dead_letter,
 )
 from cache_core.errors import BackendUnavailable, ConfigError, InvalidInput
+from cache_core.feedback import log_lookup, record_feedback
+from cache_core.policy import FEEDBACK_KEY
 from cache_core.schema import Scope, Status, WriteCommand, entry_id
 from cache_core.store import build_entry, get_document, set_status, write_command, write_entries
 from cache_core.tasks import SET_STATUS, WRITE_ENTRY
@@ -158,7 +160,10 @@ class _Conflicting(redis.Redis):
             outer.touches += 1
             other = redis.Redis(connection_pool=outer.connection_pool)
             for key in pipe.watched_keys:
-                other.execute_command("JSON.SET", key, "$.updated_at", str(time.time()))
+                if other.type(key) == b"hash":
+                    other.hset(key, "touched", str(time.time()))
+                else:
+                    other.execute_command("JSON.SET", key, "$.updated_at", str(time.time()))
             original()
 
         pipe.watched_keys = []
@@ -225,3 +230,30 @@ def test_dead_letters_older_than_their_ttl_are_gone_on_the_next_read(make_settin
     assert get_dead_letter(redis_client, settings, old) is None and count_dead_letters(redis_client, settings) == 1
     for key in ("deadletters", "deadletters:order", "deadletters:bytes"):
         assert redis_client.ttl(settings.key(key)) == -1  # no Redis TTL: a volatile-* eviction never takes them
+
+
+# --- item 9: feedback that failed transiently is applied by its retry ------------------------------------------------
+def test_feedback_whose_first_attempt_failed_is_applied_by_the_retry_and_counted_once(
+        settings, redis_url, redis_client, embedder):
+    """Before: the lookup was marked rated before the entry was updated, so the retry of a failed attempt was
+    answered "duplicate" and the report was lost."""
+    tenant = f"f-{uuid.uuid4().hex[:8]}"
+    command = WriteCommand(prompt="Is this answer right?", response="Maybe.", scope=Scope(tenant=tenant),
+                           source="test")
+    entry, _ = write_command(redis_client, settings, embedder, command)
+    lookup_id = uuid.uuid4().hex
+    pipe = redis_client.pipeline(transaction=False)
+    log_lookup(pipe, settings, lookup_id, entry, 0.93, "semantic", Scope(tenant=tenant))
+    pipe.execute()
+    client = _Conflicting.from_url(redis_url)
+    try:
+        with pytest.raises(BackendUnavailable):  # every attempt meets a concurrent change of the entry
+            record_feedback(client, settings, lookup_id, False, tenant=tenant)
+    finally:
+        client.close()
+    retried = record_feedback(redis_client, settings, lookup_id, False, tenant=tenant)
+    assert not retried.duplicate and retried.state.wrong == 1
+    again = record_feedback(redis_client, settings, lookup_id, False, tenant=tenant)
+    assert again.duplicate and again.state.wrong == 1
+    doc = get_document(redis_client, settings, entry)
+    assert doc["metadata"][FEEDBACK_KEY]["wrong"] == 1
