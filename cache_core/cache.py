@@ -32,7 +32,7 @@ from .errors import BackendUnavailable, InvalidInput
 from .index import IndexSpec, alias_name, ensure_index
 from .policy import MatchPolicy, make_policy
 from .query import VIEW_PATHS, Candidate, knn_query, parse_knn, scope_filter, search_args
-from .schema import EntryView, LookupResult, Scope, Status, WriteCommand, entry_id
+from .schema import EntryView, LookupResult, Scope, Status, WriteCommand, entry_id, normalize_prompt
 from .settings import Settings
 from .stats import StatsRecorder
 from .writequeue import NullWriteQueue, WriteQueue
@@ -313,7 +313,7 @@ class SemanticCache:
         ctx["threshold"] = self._threshold(ctx)
         ctx["search_ms"] = (time.perf_counter() - ctx["t0"]) * 1000
         if raw:
-            entry = _exact_entry(raw, ctx["scope"])
+            entry = _exact_entry(raw, ctx["scope"], ctx["prompt"])
             if entry is not None:
                 return self._finish(ctx, entry, 1.0, "exact", embed_ms=0.0)
         return None
@@ -536,7 +536,8 @@ def _merge_params(calibration: list[Any]) -> dict[str, Any]:
     return params
 
 
-def _exact_entry(raw: Any, sc: Scope) -> EntryView | None:
+def _exact_entry(raw: Any, sc: Scope, prompt: str) -> EntryView | None:
+    """The approved, unexpired entry of ``sc`` stored under the prompt's id, if it is an entry of this prompt."""
     try:
         # a client on which redis-py's ``client.json()`` was used decodes JSON replies itself
         found = raw if isinstance(raw, dict) else json.loads(raw)
@@ -546,5 +547,9 @@ def _exact_entry(raw: Any, sc: Scope) -> EntryView | None:
     except (ValueError, TypeError, ValidationError, AttributeError):
         return None
     if entry.status != Status.APPROVED or entry.expires_at <= time.time() or entry.scope != sc:
+        return None
+    # Issue 15: the id is a hash of the normalized prompt, and documents written before the normalization stopped
+    # merging confusables ("5²" was "52") sit under the id of another prompt; the stored prompt must agree.
+    if normalize_prompt(entry.prompt) != normalize_prompt(prompt):
         return None
     return entry

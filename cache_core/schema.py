@@ -426,19 +426,35 @@ def embedding_vector(stored: Any) -> np.ndarray:
 
 
 _WS = re.compile(r"\s+")
-_TRAILING = re.compile(r"[\s.!?。？！]+$")
+# the full-width, ideographic and ellipsis forms are listed themselves: NFKC no longer turns them into "." "!" "?"
+_TRAILING = re.compile(r"[\s.!?。？！．｡…‼⁇⁈⁉]+$")
+_FACTORIAL = re.compile(r"(?<=\d)[!！]+")  # "5!" at the end is a factorial, not an exclamation
 
 
 def normalize_prompt(prompt: str) -> str:
-    """The form two prompts share when they are the same request: NFKC, case-folded, spaces collapsed,
-    trailing punctuation dropped.
+    """The form two prompts share when they are the same request: NFC, lower case, whitespace collapsed, trailing
+    punctuation dropped (but the "!" of a trailing factorial).
+
+    Only changes that never change what a prompt means (issue 15). NFC joins canonically equivalent spellings (a
+    composed and a decomposed "é" are the same text); NFKC and ``str.casefold`` were dropped because they merge
+    prompts that differ: NFKC made "5²+3" into "52+3", "½" into "1⁄2", "①" into "1", full-width digits into
+    ASCII ones, "ﬁ" into "fi", and ``casefold`` "ß" into "ss". ``str.lower`` stays: the packaged model is uncased, so
+    prompts that differ only in case already embed to the same vector (similarity 1.0) and the exact path merging
+    them adds nothing the semantic path would not serve. Changing this function changes entry ids (see
+    docs/guarantees.md, "Hardening (issue 15)"); ASCII prompts keep theirs except those ending in a digit and "!".
 
     >>> normalize_prompt("  What is   the Capital of France?? ")
     'what is the capital of france'
+    >>> normalize_prompt("What is 5²+3?"), normalize_prompt("What is 5!")
+    ('what is 5²+3', 'what is 5!')
     """
-    text = unicodedata.normalize("NFKC", prompt).casefold()
+    text = unicodedata.normalize("NFC", prompt).lower()
     text = _WS.sub(" ", text).strip()
-    return _TRAILING.sub("", text)
+    trailing = _TRAILING.search(text)
+    if trailing is None:
+        return text
+    factorial = _FACTORIAL.match(text, trailing.start())
+    return text[: trailing.start()] + (factorial.group() if factorial else "")
 
 
 def prompt_hash(prompt: str) -> str:

@@ -12,7 +12,7 @@ from cache_core.query import entry_filter_query, scope_filter
 
 def test_normalize_prompt_folds_case_space_and_trailing_punctuation():
     assert normalize_prompt("  What is   the Capital of FRANCE?? ") == "what is the capital of france"
-    assert normalize_prompt("ｗｈａｔ") == "what"  # NFKC: full-width letters
+    assert normalize_prompt("ｗｈａｔ") == "ｗｈａｔ"  # no NFKC (issue 15): compatibility forms stay what they are
     assert normalize_prompt("a.b") == "a.b"  # only trailing punctuation goes
 
 
