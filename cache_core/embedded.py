@@ -25,7 +25,7 @@ import redis
 
 from .errors import BackendUnavailable, ConfigError
 
-__all__ = ["EmbeddedRedis", "server_binary", "module_paths", "free_port"]
+__all__ = ["EmbeddedRedis", "server_binary", "module_paths", "free_port", "memory_cap"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,28 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _machine_memory() -> int:
+    """Bytes of memory this process may use: the physical memory, or the cgroup's limit when that is lower."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        with contextlib.suppress(OSError, ValueError):
+            total = min(total, int(Path(path).read_text().strip()))  # "max" (no limit) is a ValueError
+    return total
+
+
+def memory_cap(maxmemory: str) -> str:
+    """The ``maxmemory`` the server gets: as given, or for ``auto`` a quarter of the machine's (or the cgroup's)
+    memory, at least 64 MB. Without a cap the embedded server grew until the kernel killed it, before its
+    ``volatile-lfu`` policy ever evicted an entry (issue 15).
+
+    >>> memory_cap("2gb"), int(memory_cap("auto")) >= 64 * 1024 * 1024
+    ('2gb', True)
+    """
+    if maxmemory.strip().lower() != "auto":
+        return maxmemory
+    return str(max(64 * 1024 * 1024, _machine_memory() // 4))
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -86,7 +108,7 @@ class EmbeddedRedis:
     data_dir: Path
     port: int = 0
     appendonly: bool = True
-    maxmemory: str = "0"
+    maxmemory: str = "auto"
     maxmemory_policy: str = "volatile-lfu"
     die_with_parent: bool = True
     start_timeout_s: float = 20.0
@@ -144,7 +166,7 @@ class EmbeddedRedis:
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
             "--appendfsync", "everysec",
-            "--maxmemory", self.maxmemory,
+            "--maxmemory", memory_cap(self.maxmemory),
             "--maxmemory-policy", self.maxmemory_policy,
             "--protected-mode", "yes",
             "--logfile", str(self.data_dir / "redis.log"),

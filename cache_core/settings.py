@@ -50,7 +50,10 @@ class Settings(BaseSettings):
     )
     embedded_port: int = Field(0, ge=0, le=65535, description="Port of the embedded server; 0 picks a free one.")
     embedded_appendonly: bool = Field(True, description="Append-only persistence of the embedded server.")
-    embedded_maxmemory: str = Field("0", description="maxmemory of the embedded server (for example 2gb); 0 = none.")
+    embedded_maxmemory: str = Field(
+        "auto", description="maxmemory of the embedded server (for example 2gb); auto: a quarter of the machine's "
+        "memory (or of its cgroup limit); 0: no cap.",
+    )
     embedded_maxmemory_policy: str = Field(
         "volatile-lfu", description="Eviction policy; volatile-* only evicts keys with a TTL (cache entries)."
     )
@@ -278,6 +281,10 @@ class Settings(BaseSettings):
     proxy_key_grace_s: int = Field(
         300, ge=0, le=86_400, description="While Redis is down, the proxy still accepts an API key it verified this "
         "recently (its misses are forwarded); 0: every request needs Redis to check its key.",
+    )
+    proxy_max_streams_per_key: int = Field(
+        8, ge=0, le=100_000, description="Streamed proxy requests one API key may have open at once in each web "
+        "process (each holds a server thread for the whole answer); past it 429 too_many_streams; 0: no cap.",
     )
     proxy_max_pending_writes: int = Field(
         1000, ge=1, le=1_000_000, description="Write-backs of proxy misses a web process keeps waiting for the "

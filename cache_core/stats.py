@@ -5,11 +5,19 @@ once a second in one pipeline: per-minute counter hashes (``<index>:stats:<minut
 histogram per minute, per-entry hit counts (``<index>:hits``, ``<index>:lasthit``) and, for every hit, the lookup log
 that feedback reads (``<index>:lookup:<lookup_id>``, kept ``SEMCACHE_FEEDBACK_WINDOW_S``). A lookup never waits for
 Redis to count it, and a failing Redis loses statistics, never lookups. Entry documents are never touched here.
+
+The hit-count hashes carry no TTL (a ``volatile-*`` eviction must not take them) and entries expire without telling
+them, so every flush (at most every ``sweep_every_s``) also sweeps a slice of them, dropping the fields of entries
+that no longer exist: they hold about as many fields as there are live entries (issue 15; before, they grew
+forever). Saved tokens are only counted from an entry's ``prompt_tokens``/``completion_tokens`` that are whole
+numbers from 0 to :data:`~cache_core.schema.MAX_TOKEN_COUNT` (what the write door admits; older entries may hold
+anything).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -18,10 +26,11 @@ from typing import Any
 import redis
 
 from .connection import text
+from .schema import MAX_TOKEN_COUNT
 from .settings import Settings
 
 __all__ = ["StatsRecorder", "read_stats", "LATENCY_BUCKETS_MS", "hit_counts", "record_counters", "lookup_totals",
-           "add_cumulative", "read_cumulative", "cumulative_key"]
+           "add_cumulative", "read_cumulative", "cumulative_key", "sweep_hit_counts", "valid_savings"]
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +72,14 @@ def record_counters(client: redis.Redis, settings: Settings, counters: dict[str,
 class StatsRecorder:
     """Buffers lookup outcomes and flushes them to Redis from a background thread."""
 
-    def __init__(self, client: redis.Redis, settings: Settings, *, interval_s: float = 1.0, max_buffer: int = 100_000):
+    def __init__(self, client: redis.Redis, settings: Settings, *, interval_s: float = 1.0, max_buffer: int = 100_000,
+                 sweep_every_s: float = 10.0):
         self.client = client
         self.settings = settings
         self.interval_s = interval_s
+        self.sweep_every_s = sweep_every_s
+        self._sweep_at = ("hits", 0)  # the hash being swept and the scan's cursor in it
+        self._next_sweep = time.monotonic() + sweep_every_s
         self._buffer: deque[tuple] = deque(maxlen=max_buffer)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="semcache-stats", daemon=True)
@@ -77,13 +90,15 @@ class StatsRecorder:
                entry_id: str | None = None, saved: dict[str, float] | None = None, lookup: tuple | None = None) -> None:
         """Buffer one lookup. ``lookup`` is ``(lookup_id, entry_id, similarity, strategy, scope)`` of a hit, logged
         for :func:`cache_core.feedback.record_feedback`."""
-        self._buffer.append((time.time(), outcome, strategy, total_ms, embed_ms, search_ms, entry_id, saved, lookup))
+        self._buffer.append((time.time(), outcome, strategy, total_ms, embed_ms, search_ms, entry_id,
+                             valid_savings(saved), lookup))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.flush()
 
     def flush(self) -> None:
+        self._sweep()
         if not self._buffer:
             return
         items = []
@@ -136,10 +151,60 @@ class StatsRecorder:
             self.dropped_flushes += 1
             log.debug("stats flush failed (%d lookups not counted): %s", len(items), exc)
 
+    def _sweep(self) -> None:
+        if time.monotonic() < self._next_sweep:
+            return
+        self._next_sweep = time.monotonic() + self.sweep_every_s
+        which, cursor = self._sweep_at
+        try:
+            cursor, _ = sweep_hit_counts(self.client, self.settings, cursor, which=which)
+            # a hash scanned to its end: the other one next (lasthit may hold fields hits lost)
+            self._sweep_at = (which, cursor) if cursor else ("lasthit" if which == "hits" else "hits", 0)
+        except redis.RedisError as exc:
+            log.debug("hit-count sweep failed: %s", exc)
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
         self.flush()
+
+
+def valid_savings(saved: dict[str, float] | None) -> dict[str, float] | None:
+    """The token counts of a hit that the savings may add: whole numbers from 0 to ``MAX_TOKEN_COUNT``.
+
+    >>> valid_savings({"prompt_tokens": 9.0, "completion_tokens": -5.0})
+    {'prompt_tokens': 9.0}
+    >>> valid_savings({"prompt_tokens": float("inf")}) is None
+    True
+    """
+    if not saved:
+        return saved
+    kept = {name: value for name, value in saved.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and 0 <= value <= MAX_TOKEN_COUNT and value == int(value)}
+    return kept or None
+
+
+def sweep_hit_counts(client: redis.Redis, settings: Settings, cursor: int = 0, count: int = 200, *,
+                     which: str = "hits") -> tuple[int, int]:
+    """Drop the fields of about ``count`` entries that no longer exist from both hit-count hashes, scanning
+    ``<index>:<which>`` (``hits`` or ``lasthit``) from ``cursor``. Returns ``(next cursor, entries dropped)``; a next
+    cursor of 0 means that hash was scanned to its end."""
+    hits, last = settings.key("hits"), settings.key("lasthit")
+    next_cursor, fields = client.hscan(settings.key(which), cursor, count=count)
+    ids = [text(f) for f in fields]
+    if not ids:
+        return int(next_cursor), 0
+    pipe = client.pipeline(transaction=False)
+    for entry in ids:
+        pipe.exists(settings.key_prefix + entry)
+    gone = [entry for entry, alive in zip(ids, pipe.execute()) if not alive]
+    if gone:
+        pipe = client.pipeline(transaction=False)
+        pipe.hdel(hits, *gone)
+        pipe.hdel(last, *gone)
+        pipe.execute()
+    return int(next_cursor), len(gone)
 
 
 def hit_counts(client: redis.Redis, settings: Settings, ids: list[str]) -> dict[str, tuple[int, float | None]]:

@@ -24,7 +24,7 @@ from cache_core.settings import Settings
 
 __all__ = ["make_celery_client", "send_task", "task_record", "task_status", "kwargs_summary", "TASK_RECORD_TTL_S"]
 
-TASK_RECORD_TTL_S = 24 * 3600  # as long as Celery keeps results (result_expires defaults to one day)
+TASK_RECORD_TTL_S = 24 * 3600  # the longest a record was kept before SEMCACHE_TASK_RESULT_TTL_S (kept: a name)
 
 # Celery's states, as the API names them. PROGRESS is the purge task's own state: still running.
 _STATES = {
@@ -117,7 +117,8 @@ def send_task(celery: Celery, client: redis.Redis, settings: Settings, name: str
     record = {"owner": owner, "tenant": tenant, "kind": kind, "label": label[:300], "name": name,
               "sent_at": time.time()}
     try:
-        client.set(_record_key(settings, task_id), json.dumps(record, ensure_ascii=False), ex=TASK_RECORD_TTL_S)
+        client.set(_record_key(settings, task_id), json.dumps(record, ensure_ascii=False),
+                   ex=settings.task_result_ttl_s)  # as long as the result it describes (issue 15)
     except redis.RedisError as exc:
         raise BackendUnavailable(f"cannot record the task: {exc}") from exc
     try:

@@ -21,6 +21,7 @@ import redis
 from flask import Blueprint, Response, current_app, request
 
 from cache_core import browse
+from cache_core.celeryconf import unacked_keys
 from cache_core.connection import make_client
 from cache_core.deadletters import count_dead_letters
 from cache_core.errors import BackendUnavailable
@@ -136,7 +137,7 @@ def _queue_depth(st: WebState) -> dict[str, float] | None:
     pipe = broker.pipeline(transaction=False)
     for name in names:
         pipe.llen(name)
-    pipe.hlen("unacked")
+    pipe.hlen(unacked_keys(st.settings)["unacked_key"])  # this deployment's own (issue 15)
     replies = pipe.execute()
     return {"waiting": float(sum(replies[:-1])), "unacked": float(replies[-1])}
 
