@@ -502,3 +502,70 @@ def test_lookups_answer_misses_while_redis_is_down_for_keys_verified_by_any_endp
         server.stop()
     stored = b"".join(p.read_bytes() for p in (tmp_path / "data").rglob("*") if p.is_file())
     assert key.split("_", 2)[2].encode() not in stored  # the record holds digests, never a key
+
+
+# --- a per-key cap on concurrent streams (proxy) -------------------------------------------------------------------
+@pytest.fixture
+def held_streams(web_settings, embedder):
+    """A proxy whose upstream starts every stream at once and finishes none until the test lets it."""
+    import threading
+
+    from flask import Flask, Response
+    from werkzeug.serving import make_server
+
+    from .fixtures_web import _make_app
+
+    release = threading.Event()
+    upstream = Flask("held-upstream")
+
+    @upstream.post("/v1/chat/completions")
+    def chat():
+        def events():
+            yield 'data: {"choices":[{"index":0,"delta":{"content":"Hel"}}]}\n\n'
+            release.wait(120)
+            yield 'data: {"choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+        return Response(events(), mimetype="text/event-stream")
+
+    server = make_server("127.0.0.1", 0, upstream, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings = web_settings.model_copy(update={"upstream_url": f"http://127.0.0.1:{server.server_port}/v1",
+                                               "proxy_max_streams_per_key": 2})
+    app = _make_app(settings, embedder)
+    app.release_upstream = release
+    yield app
+    release.set()
+    app.extensions["semcache_proxy"].close()
+    app.extensions["semcache"].close()
+    server.shutdown()
+
+
+def test_a_key_may_hold_only_so_many_streams_at_once(held_streams):
+    """Each forwarded stream holds a server thread for the whole LLM answer: one key opening streams without end
+    would take every thread of the web process from every other tenant."""
+    from cache_core.apikeys import create_key
+
+    st = held_streams.extensions["semcache"]
+    a = {"Authorization": f"Bearer {create_key(st.redis, st.settings, tenant=unique_tenant('sa'))[0]}"}
+    b = {"Authorization": f"Bearer {create_key(st.redis, st.settings, tenant=unique_tenant('sb'))[0]}"}
+    client = held_streams.test_client()
+
+    def stream(headers, n: int):
+        return client.post("/v1/chat/completions", headers=headers, buffered=False, json={
+            "model": "m", "stream": True, "temperature": 0,
+            "messages": [{"role": "user", "content": f"stream number {n}"}]})
+
+    first, second = stream(a, 1), stream(a, 2)
+    assert first.status_code == second.status_code == 200
+    third = stream(a, 3)
+    assert third.status_code == 429 and third.get_json()["error"]["code"] == "too_many_streams"
+    other = stream(b, 4)  # another key is not affected
+    assert other.status_code == 200
+    first.close()  # a stream that ends (or whose client goes away) frees its slot
+    fourth = stream(a, 5)
+    assert fourth.status_code == 200
+    for response in (second, other, fourth):
+        response.close()
+    held_streams.release_upstream.set()
+    plain = client.post("/v1/chat/completions", headers=a, json={
+        "model": "m", "stream": False, "temperature": 2, "messages": [{"role": "user", "content": "not streamed"}]})
+    assert plain.status_code != 429  # only streams count

@@ -38,7 +38,7 @@ from typing import Any, Iterator
 
 import httpx
 import redis
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, after_this_request, current_app, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from cache_core.apikeys import ApiKey, verify_key
@@ -250,6 +250,9 @@ class ProxyState:
         self.memo = shared_memo(s)
         self.writeback = WriteBack(web.celery, web.redis, s)
         self.flights = InFlight()
+        from .streamcap import StreamSlots  # issue 15: one key cannot take every thread with streams
+
+        self.streams = StreamSlots(s.proxy_max_streams_per_key)
         self._auth_client: redis.Redis | None = None
         self._redis_down_until = 0.0
 
@@ -403,6 +406,7 @@ def chat_completions():
     ps = _proxy()
     key = _authenticate(ps)
     raw = _body()
+    _hold_stream_slot(ps, key, raw)
     try:
         req = parse_request(raw)
     except ChatRequestError as exc:
@@ -449,6 +453,21 @@ def _group_header() -> str | None:
         return check_group(value)
     except ValueError as exc:
         raise ProxyError(400, f"X-Semcache-Group: {exc}", param="X-Semcache-Group") from None
+
+
+def _hold_stream_slot(ps: ProxyState, key: ApiKey, raw: dict[str, Any]) -> None:
+    """Count a streamed request against its key's open streams until its response is closed (web.streamcap)."""
+    if raw.get("stream") is not True:
+        return
+    release = ps.streams.acquire(key.id)
+    if release is None:
+        raise ProxyError(429, f"this API key already has {ps.streams.cap} streamed requests open in this server "
+                         "process; wait for one to finish", code="too_many_streams", headers={"Retry-After": "1"})
+
+    @after_this_request
+    def _free_on_close(response: Response) -> Response:
+        response.call_on_close(release)  # the WSGI server closes every response, also when the client went away
+        return response
 
 
 _OTHER_METHODS = ["GET", "PUT", "PATCH", "DELETE"]
