@@ -524,6 +524,8 @@ def run_stream(env: EvalEnvironment, rows: Sequence[StreamRow], *, policy: str, 
     if baseline_knobs:
         lanes += [_Lane("baseline", "threshold", k, len(lanes) + i) for i, k in enumerate(baseline_knobs)]
     texts = list(dict.fromkeys(rows[i].text for i in order))
+    if parse_judge_spec(judge)[0] == "embedding":  # that judge embeds answers: the lanes never load the model
+        texts = list(dict.fromkeys([*texts, *(r.response or r.intent for r in rows)]))
     matrix = env.embedder.embed(texts)
     ctx = mp.get_context("spawn")  # never fork a process holding torch threads and Redis connections
     counter = ctx.Value("q", 0)
@@ -884,6 +886,8 @@ def evaluate(settings: Settings, data: str | Path, *, protocol: Protocol | None 
     embedder = embedder or load_embedder(settings.model, backend=settings.embedding_backend, cache_size=0,
                                           precision=settings.embedding_precision)
     needed = _needed_texts(dataset, seed, limit) + (dataset.texts() if latency else [])
+    if judge_name == "embedding" and dataset.protocol == "stream":
+        needed += [r.response or r.intent for r in dataset.rows]
     vectors = embed_rows(embedder, needed,
                          cache_dir=(settings.data_dir / "eval-cache") if cache_vectors else None, progress=progress)
     pre = PrecomputedEmbedder(embedder, vectors)
@@ -943,7 +947,9 @@ def plot(report: EvalReport, path: str | Path, *, title: str | None = None) -> N
 
     fig, ax = plt.subplots(figsize=(7, 4.6), dpi=120)
     for curve, label, style, width in ((report.baseline_curve, "baseline: nearest neighbour, one threshold", "o--", 3),
-                                       (report.curve, f"semcache {report.policy} policy", "s-", 1.5)):
+                                       (report.curve, f"semcache {report.policy} policy" + (
+                                           f", {'SIMULATED ' if report.simulated_judge else ''}judge {report.judge}"
+                                           if report.judge != "off" else ""), "s-", 1.5)):
         pts = sorted(curve, key=lambda p: p.knob)  # a path along the knob: wrong rate need not be monotone
         ax.plot([100 * p.wrong_rate for p in pts], [100 * p.hit_rate for p in pts], style, label=label, markersize=4,
                 linewidth=width, alpha=0.55 if width > 2 else 1.0)  # identical curves stay visible, one over the other

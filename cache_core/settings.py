@@ -148,7 +148,7 @@ class Settings(BaseSettings):
         "(response vectors; measured weak).",
     )
     judge_min_similarity: float = Field(
-        0.5, ge=-1.0, le=1.0, description="Neighbours at least this similar to a new entry's prompt are asked about "
+        0.4, ge=-1.0, le=1.0, description="Neighbours at least this similar to a new entry's prompt are asked about "
         "(the gray zone below the serving threshold).",
     )
     judge_max_groups: int = Field(
