@@ -569,3 +569,40 @@ def test_a_key_may_hold_only_so_many_streams_at_once(held_streams):
     plain = client.post("/v1/chat/completions", headers=a, json={
         "model": "m", "stream": False, "temperature": 2, "messages": [{"role": "user", "content": "not streamed"}]})
     assert plain.status_code != 429  # only streams count
+
+
+def test_the_shared_key_record_is_bounded_expires_and_never_fails_a_request(tmp_path, monkeypatch):
+    import json
+    import os
+    import time
+
+    from cache_core.apikeys import ApiKey
+    from web import keymemo
+
+    monkeypatch.setattr(keymemo, "MAX_KEYS", 3)
+    record = ApiKey(id="0123456789ab", tenant="acme", created_at=time.time())
+    memo = keymemo.SharedKeyMemo(tmp_path / "verified", grace_s=300)
+    other_process = keymemo.SharedKeyMemo(tmp_path / "verified", grace_s=300)
+    keys = [f"sc_0123456789ab_{str(i) * 43}" for i in range(5)]
+    for i, presented in enumerate(keys):
+        memo.remember(presented, record)
+        path = memo._path(presented)
+        os.utime(path, (time.time() - 100 + i, time.time() - 100 + i))  # older first
+    files = [p for p in (tmp_path / "verified").iterdir() if not p.name.startswith(".")]
+    assert len(files) <= 3 and other_process.recall(keys[-1]) == record  # the newest kept, seen by another memo
+    assert oct((tmp_path / "verified").stat().st_mode & 0o777) == "0o700"
+    stale = memo._path(keys[-1])
+    stale.write_text(json.dumps({"key": record.model_dump(mode="json"), "at": time.time() - 301}))
+    assert other_process.recall(keys[-1]) is None and not stale.exists()  # past the grace: gone
+    memo.remember(keys[-2] + "x", record)
+    other_process.forget(keys[-2] + "x")
+    assert memo.recall(keys[-2] + "x") is None  # forgotten by another process
+    memo._path(keys[0]).write_text("{not json")
+    assert memo.recall(keys[0]) is None  # a damaged record is no record
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    broken = keymemo.SharedKeyMemo(blocked / "verified", grace_s=300)  # cannot be made: never raises
+    broken.remember(keys[1], record)
+    assert broken.recall(keys[1]) is None
+    broken.forget(keys[1])
+    assert keymemo.SharedKeyMemo(tmp_path / "off", grace_s=0).recall(keys[1]) is None
