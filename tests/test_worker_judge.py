@@ -13,6 +13,7 @@ import time
 import uuid
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cache_core import Generated, SemanticCache
 from cache_core.apikeys import create_key
@@ -152,6 +153,8 @@ def test_a_neighbour_the_judge_accepts_is_joined_and_a_rejected_one_is_not(judge
 
     client = web.test_client()
     metrics = client.get("/metrics").get_data(as_text=True)
+    families = {f.name: f for f in text_string_to_metric_families(metrics)}  # the exposition parses
+    assert families["semcache_judge_calls"].type == "counter"
     for name in ('semcache_judge_calls_total{verdict="yes"}', 'semcache_judge_calls_total{verdict="none"}',
                  "semcache_judge_skipped_total", "semcache_judge_joins_total",
                  'semcache_judge_tokens_total{kind="prompt"}'):
@@ -310,3 +313,32 @@ def _wait_tenant_docs(redis, worker, tenant: str, n: int, timeout_s: float = 60.
         if len(keys) >= n or time.monotonic() > deadline:
             return [get_document(redis, worker.settings, k[len(worker.settings.key_prefix):]) for k in keys]
         time.sleep(0.05)
+
+
+def test_a_hanging_judge_stops_being_asked_at_a_third_of_the_task_time_limit(make_settings, redis_client, embedder,
+                                                                             judge):
+    """In process (worker.judging.judge_batch on the session Redis): with a 3 s task limit the questions stop after
+    1 s, so a judge that never answers cannot keep a task past its limit (a killed task would be retried and
+    dead-lettered). The first question times out (1.5 s), the two after it are not asked."""
+    from cache_core.index import IndexSpec, ensure_index
+    from cache_core.judge import make_judge
+    from cache_core.schema import WriteCommand
+    from cache_core.store import write_command
+    from worker.judging import judge_batch, judge_counters
+
+    s = make_settings(judge="llm", judge_url=judge.url, judge_model="m", judge_timeout_ms=1500, judge_concurrency=1,
+                      task_time_limit_s=3)
+    ensure_index(redis_client, IndexSpec(settings=s, dim=embedder.dim, model_name=embedder.name))
+    scope = Scope(tenant="t")
+    for prompt, response in NEIGHBOURS.items():
+        write_command(redis_client, s, embedder, WriteCommand(prompt=prompt, response=response, scope=scope))
+    judge.reply = "slow"
+    news = [PARAPHRASE_YES, PARAPHRASE_NO, "What time do you open?"]
+    vectors = embedder.embed(news)
+    items = [(WriteCommand(prompt=p, response=f"answer {i}", scope=scope), v.tolist())
+             for i, (p, v) in enumerate(zip(news, vectors))]
+    decisions = judge_batch(redis_client, s, make_judge(s, client=redis_client), items)
+    assert judge.calls == 1
+    assert [d.verdicts[0]["detail"].split(" ")[0] for d in decisions] == ["timeout", "not", "not"]
+    assert judge_counters(decisions) == {"judge_none": 1, "judge_skipped": 2}
+    assert all(d.group is None for d in decisions)

@@ -5,12 +5,15 @@ explicit ``group`` (only when ``SEMCACHE_JUDGE`` is not ``off``: with no judge n
 neighbour search). The questions of one task run on a few threads at once for the ``llm`` judge (an HTTP call
 takes long and waits on the network), one at a time for the model judges. A judge that fails, times out or is out
 of budget gives no verdict, which keeps the entry in its own group: the write itself never fails or retries
-because of a judge.
+because of a judge. Nor does a judge that hangs: a task asks questions for at most a third of its time limit
+(``SEMCACHE_TASK_TIME_LIMIT_S``); the questions left after that are not asked (counted as skipped), so a batch of
+timeouts cannot push the task past its limit (which would kill, retry and finally dead-letter the write).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
@@ -18,7 +21,7 @@ from typing import Any, Sequence
 import redis
 
 from cache_core.grouping import GroupDecision, judged_groups
-from cache_core.judge import Judge
+from cache_core.judge import Judge, JudgeRequest, JudgeVerdict
 from cache_core.judge_llm import NOT_ASKED
 from cache_core.schema import CacheEntry, WriteCommand
 from cache_core.settings import Settings
@@ -35,27 +38,48 @@ JUDGE_COUNTERS = ("judge_yes", "judge_no", "judge_none", "judge_skipped", "judge
                   "judge_completion_tokens")
 
 
+class _Deadline:
+    """A judge that stops asking at ``deadline`` (``time.monotonic()``): later questions are "not asked"."""
+
+    def __init__(self, judge: Judge, deadline: float) -> None:
+        self.inner = judge
+        self.name = judge.name
+        self.deadline = deadline
+
+    def judge(self, request: JudgeRequest) -> JudgeVerdict:
+        if time.monotonic() >= self.deadline:
+            return JudgeVerdict(agree=None, detail=f"{NOT_ASKED}the task's time for questions is spent")
+        return self.inner.judge(request)
+
+
 def judge_batch(client: redis.Redis, settings: Settings, judge: Judge,
                 items: Sequence[tuple[WriteCommand, Sequence[float]]]) -> list[GroupDecision]:
     """One :class:`GroupDecision` per ``(command, unit vector)``, in order. Never raises."""
     own = [answer_group(command.response) for command, _ in items]
+    judge = _Deadline(judge, time.monotonic() + settings.task_time_limit_s / 3)
     threads = min(settings.judge_concurrency, len(items)) if judge.name == "llm" else 1
     try:
         if threads <= 1:
-            return judged_groups(client, settings, items, judge, own_groups=own)
-        # interleaved slices: each thread gets every n-th command, one pipelined neighbour search per slice
-        slices = [list(range(start, len(items), threads)) for start in range(threads)]
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="semcache-judge") as pool:
-            parts = list(pool.map(lambda idx: judged_groups(client, settings, [items[i] for i in idx], judge,
-                                                            own_groups=[own[i] for i in idx]), slices))
-        decisions: list[GroupDecision] = [GroupDecision() for _ in items]
-        for idx, part in zip(slices, parts):
-            for i, decision in zip(idx, part):
-                decisions[i] = decision
-        return decisions
+            decisions = judged_groups(client, settings, items, judge, own_groups=own)
+        else:
+            # interleaved slices: each thread gets every n-th command, one pipelined neighbour search per slice
+            slices = [list(range(start, len(items), threads)) for start in range(threads)]
+            with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="semcache-judge") as pool:
+                parts = list(pool.map(lambda idx: judged_groups(client, settings, [items[i] for i in idx], judge,
+                                                                own_groups=[own[i] for i in idx]), slices))
+            decisions = [GroupDecision() for _ in items]
+            for idx, part in zip(slices, parts):
+                for i, decision in zip(idx, part):
+                    decisions[i] = decision
     except Exception as exc:  # noqa: BLE001 - grouping is an optimisation of hits, never a condition of the write
         log.warning("judge: %d entries keep their own group: %s", len(items), type(exc).__name__)
         return [GroupDecision() for _ in items]
+    counts = judge_counters(decisions)
+    if counts:  # one line per task, never per question (a judge that is down would flood the log)
+        log.info("judge %s: %d entries, %d yes, %d no, %d no verdict, %d not asked", judge.name, len(items),
+                 counts.get("judge_yes", 0), counts.get("judge_no", 0), counts.get("judge_none", 0),
+                 counts.get("judge_skipped", 0))
+    return decisions
 
 
 def _verdict_word(agree: bool | None) -> str:
