@@ -4,6 +4,12 @@ One server per data directory. Its port and pid are written to ``<data_dir>/redi
 with the same data directory finds the running server there and uses it instead of starting another (a file lock
 makes the check-and-start atomic). The process that started the server owns it and stops it; the server is also
 told by the kernel (``PR_SET_PDEATHSIG``) to terminate when its owner dies, so no orphan outlives a killed parent.
+
+The server requires a password (issue 15: before, any local user could read and write every key). It is generated
+once per data directory into ``<data_dir>/redis.password`` (mode 0600) and given to the server in a config file
+(``redis.conf``, 0600, rewritten at every start), never on its command line, which every local user can read. The
+data directory is kept 0700 and the server runs with umask 077. Every process that finds the server through the
+data directory (:meth:`EmbeddedRedis.running_url`) gets the URL with the password; logs show it redacted.
 """
 
 from __future__ import annotations
@@ -14,18 +20,20 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
 from .errors import BackendUnavailable, ConfigError
 
-__all__ = ["EmbeddedRedis", "server_binary", "module_paths", "free_port", "memory_cap"]
+__all__ = ["EmbeddedRedis", "server_binary", "module_paths", "free_port", "memory_cap", "redacted"]
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +88,28 @@ def memory_cap(maxmemory: str) -> str:
     return str(max(64 * 1024 * 1024, _machine_memory() // 4))
 
 
+def redacted(url: str) -> str:
+    """A Redis URL without its password, for logs and terminals.
+
+    >>> redacted("redis://:s3cret@127.0.0.1:6379/0")
+    'redis://127.0.0.1:6379/0'
+    """
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit((parts.scheme, f"{host}{port}", parts.path, "", ""))
+
+
+def _private_group() -> None:  # runs in the child between fork and exec
+    os.umask(0o077)  # the append-only file and the log: the owner's only
+    os.setpgrp()  # a Ctrl-C in the terminal goes to the owner, which then shuts the server down cleanly
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    os.setpgrp()  # a Ctrl-C in the terminal goes to the owner, which then shuts the server down cleanly
+    _private_group()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -120,8 +145,37 @@ class EmbeddedRedis:
     def state_file(self) -> Path:
         return self.data_dir / "redis.json"
 
+    @property
+    def password_file(self) -> Path:
+        return self.data_dir / "redis.password"
+
+    def _private_dir(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.data_dir, 0o700)  # one made by an older version (or by hand) may be readable by all
+
+    def password(self, *, create: bool = False) -> str | None:
+        """The data directory's password (made on first use with ``create``); None when there is none yet."""
+        try:
+            return self.password_file.read_text().strip() or None
+        except FileNotFoundError:
+            if not create:
+                return None
+        self._private_dir()
+        try:
+            fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first
+            return self.password_file.read_text().strip() or None
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(32) + "\n")
+        return self.password_file.read_text().strip()
+
+    def url_for(self, port: int, *, create: bool = False) -> str:
+        """The URL of this data directory's server on ``port``, with its password (made first with ``create``)."""
+        secret = self.password(create=create)
+        return f"redis://:{secret}@127.0.0.1:{port}/0" if secret else f"redis://127.0.0.1:{port}/0"
+
     def _lock(self):
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._private_dir()
         handle = open(self.data_dir / "redis.lock", "w")
         fcntl.flock(handle, fcntl.LOCK_EX)
         return handle
@@ -134,7 +188,7 @@ class EmbeddedRedis:
             return None
         if not _pid_alive(int(state.get("pid", 0))):
             return None
-        url = f"redis://127.0.0.1:{int(state['port'])}/0"
+        url = self.url_for(int(state["port"]))
         try:
             client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
             client.ping()
@@ -149,7 +203,7 @@ class EmbeddedRedis:
             existing = self.running_url()
             if existing:
                 self.url, self.owned = existing, False
-                log.info("embedded redis already running at %s (data dir %s)", existing, self.data_dir)
+                log.info("embedded redis already running at %s (data dir %s)", redacted(existing), self.data_dir)
                 return existing
             self.url = self._spawn()
             self.owned = True
@@ -157,9 +211,21 @@ class EmbeddedRedis:
             lock.flush()
         return self.url
 
+    def _config_file(self) -> Path:
+        """The 0600 config file holding ``requirepass`` (rewritten at every start, from the password file)."""
+        path = self.data_dir / "redis.conf"
+        secret = self.password(create=True)
+        tmp = path.with_name(f".redis.conf.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"requirepass {secret}\n")
+        os.replace(tmp, path)
+        return path
+
     def _command(self, port: int) -> list[str]:
         cmd = [
             server_binary(),
+            str(self._config_file()),  # first: redis-server reads a config file only as its first argument
             "--port", str(port),
             "--bind", "127.0.0.1",
             "--dir", str(self.data_dir),
@@ -184,10 +250,10 @@ class EmbeddedRedis:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                preexec_fn=_die_with_parent if self.die_with_parent else os.setpgrp,
+                preexec_fn=_die_with_parent if self.die_with_parent else _private_group,
                 close_fds=True,
             )
-            url = f"redis://127.0.0.1:{port}/0"
+            url = self.url_for(port)
             try:
                 self._wait_ready(url)
             except BackendUnavailable as exc:
@@ -197,7 +263,7 @@ class EmbeddedRedis:
                     break
                 continue
             self.port = port
-            log.info("embedded redis %s started at %s (data dir %s)", self.process.pid, url, self.data_dir)
+            log.info("embedded redis %s started at %s (data dir %s)", self.process.pid, redacted(url), self.data_dir)
             return url
         tail = ""
         with contextlib.suppress(OSError):

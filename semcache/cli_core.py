@@ -9,7 +9,7 @@ import threading
 import click
 
 from cache_core.connection import open_redis
-from cache_core.embedded import EmbeddedRedis
+from cache_core.embedded import EmbeddedRedis, redacted
 from cache_core.index import IndexSpec, ensure_index, index_info, migrate
 from cache_core.settings import Settings
 
@@ -30,13 +30,13 @@ def redis_cmd(port: int | None) -> None:
     settings = load_settings(embedded_port=port)
     server = EmbeddedRedis(settings.data_dir, port=settings.embedded_port, appendonly=settings.embedded_appendonly,
                            maxmemory=settings.embedded_maxmemory, maxmemory_policy=settings.embedded_maxmemory_policy)
-    url = server.start()
+    url = redacted(server.start())  # never the password on a terminal (issue 15): it is in a 0600 file
     if not server.owned:
         click.echo(f"an embedded redis for {settings.data_dir} is already running: {url}")
         return
     click.echo(url)
-    click.echo(f"data dir: {settings.data_dir}   (export SEMCACHE_REDIS_URL={url} to share it; Ctrl-C stops it)",
-               err=True)
+    click.echo(f"data dir: {settings.data_dir}   (semcache commands with this SEMCACHE_DATA_DIR use it; the password "
+               f"is in {server.password_file}; Ctrl-C stops it)", err=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())

@@ -65,6 +65,17 @@ def _redact(url: str) -> str:
     return urlunsplit((parts.scheme, f"{host}{port}", parts.path, "", ""))
 
 
+def _embedded_url(redis_state: dict[str, Any], data_dir: Path) -> str | None:
+    """The URL in ``up``'s state (shown without a password), with the embedded server's password put back."""
+    from cache_core.embedded import EmbeddedRedis
+
+    url = redis_state.get("url")
+    if not url or not redis_state.get("embedded"):
+        return url
+    port = urlsplit(url).port
+    return EmbeddedRedis(data_dir).url_for(port) if port else url
+
+
 def _write_private(path: Path, text: str) -> None:
     """Write a file readable by its owner only, atomically (write a temporary file, then rename it)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -227,11 +238,12 @@ class _Up:
         running = server.running_url()
         if running:  # a `semcache redis` of this data dir: use it, but it is not ours to restart
             log.warning("an embedded redis for %s is already running at %s: using it (not supervised by up)",
-                        self.data_dir, running)
-            return running, {"url": running, "embedded": True, "supervised": False}, None
+                        self.data_dir, _redact(running))
+            return running, {"url": _redact(running), "embedded": True, "supervised": False}, None
         server.port = s.embedded_port or free_port()  # fixed now: a restart comes back where the children point
-        url = f"redis://127.0.0.1:{server.port}/0"
-        return url, {"url": url, "embedded": True, "supervised": True,
+        # with the data dir's password (issue 15); the state file and the banner show the URL without it
+        url = server.url_for(server.port, create=True)
+        return url, {"url": _redact(url), "embedded": True, "supervised": True,
                      "appendonly": s.embedded_appendonly}, EmbeddedRedisService(server)
 
     @staticmethod
@@ -479,7 +491,7 @@ def read_status(settings: Settings, *, probe: bool = True) -> dict[str, Any]:
     out["children"] = children
     out["redis"] = dict(state.get("redis", {}))
     if probe and up_alive:
-        url = settings.redis_url or state.get("redis", {}).get("url")
+        url = settings.redis_url or _embedded_url(state.get("redis", {}), Path(settings.data_dir))
         index_settings = settings.model_copy(update={"index": state.get("index") or settings.index})
         redis_out, index_out = _probe_redis(url, index_settings)
         out["redis"].update(redis_out)

@@ -82,8 +82,10 @@ def test_redis_command_runs_in_the_foreground_until_sigterm(tmp_path, settings):
                             stderr=subprocess.PIPE, text=True)
     try:
         url = proc.stdout.readline().strip()
-        assert url.startswith("redis://127.0.0.1:")
-        client = redis.Redis.from_url(url)
+        assert url.startswith("redis://127.0.0.1:")  # printed without the password (issue 15)
+        password = (tmp_path / "fg" / "redis.password").read_text().strip()
+        assert password not in url
+        client = redis.Redis.from_url(url, password=password)
         assert client.ping()
         pid = json.loads((tmp_path / "fg" / "redis.json").read_text())["pid"]
     finally:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from cache_core.embedded import EmbeddedRedis, free_port
+from cache_core.embedded import EmbeddedRedis, free_port, redacted
 from cache_core.settings import Settings
 from semcache.cli_ops import STATE_FILE, admin_token_file, read_status
 from semcache.supervisor import (
@@ -353,7 +353,7 @@ def test_embedded_redis_is_restarted_on_its_port_with_its_data(tmp_path, supervi
     supervisors.append(sup)
     caplog.set_level(logging.INFO, logger="semcache.supervisor")
     sup.start()
-    url = f"redis://127.0.0.1:{port}/0"
+    url = server.url_for(port)  # with the data dir's password (issue 15)
     client = redis.Redis.from_url(url, socket_timeout=5)
     try:
         client.set("semcache-test:kept", "yes")
@@ -506,13 +506,15 @@ def test_up_runs_heals_and_stops_the_whole_stack(up_runs):
     web_env, worker_env = read_environ(children["web"]["pid"]), read_environ(children["worker"]["pid"])
     assert web_env["SEMCACHE_ADMIN_TOKEN"] == info["login"]["token"]
     assert "SEMCACHE_ADMIN_TOKEN" not in worker_env
-    assert web_env["SEMCACHE_REDIS_URL"] == worker_env["SEMCACHE_REDIS_URL"] == info["redis"]["url"]
+    redis_url = web_env["SEMCACHE_REDIS_URL"]  # with the password; info shows the URL without it (issue 15)
+    assert redis_url == worker_env["SEMCACHE_REDIS_URL"] and redacted(redis_url) == info["redis"]["url"]
+    assert EmbeddedRedis(up.data_dir).running_url() == redis_url
     assert os.getpgid(children["web"]["pid"]) == children["web"]["pid"]
 
     second = semcache("up", "--port", str(free_port()), env=up.env)  # one `up` per data dir
     assert second.returncode == 1 and "already running" in second.stderr
 
-    client = redis.Redis.from_url(info["redis"]["url"], socket_timeout=5)
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
     client.set("semcache-e2e:kept", "yes")
     client.close()
     os.kill(children["redis"]["pid"], signal.SIGKILL)
@@ -525,7 +527,7 @@ def test_up_runs_heals_and_stops_the_whole_stack(up_runs):
         assert healed[name]["last_exit"] == "killed by SIGKILL"
     assert healed["web"]["pid"] == children["web"]["pid"] and healed["web"]["restarts"] == 0
     assert report["redis"]["url"] == info["redis"]["url"]  # the same port: the children's URL still works
-    client = redis.Redis.from_url(info["redis"]["url"], socket_timeout=5)
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
     assert client.get("semcache-e2e:kept") == b"yes"  # same port, same data dir: the AOF brought it back
     client.close()
     log = up.log()
