@@ -19,7 +19,6 @@ import redis
 import redis.asyncio as aioredis
 
 from .cache import Answer, Generated, ScopeLike, SemanticCache
-from .query import parse_knn
 from .schema import LookupResult, Scope, entry_id
 from .settings import Settings
 
@@ -90,7 +89,7 @@ class AsyncSemanticCache:
         except (redis.RedisError, OSError, asyncio.TimeoutError) as exc:
             return core._failed(ctx, _as_redis_error(exc), embed_ms=embed_ms), vector
         ctx["search_ms"] += (time.perf_counter() - t1) * 1000
-        return core._knn_reply(ctx, parse_knn(reply), embed_ms), vector
+        return core._knn_answer(ctx, reply, embed_ms), vector
 
     async def get_or_generate(
         self,

@@ -31,7 +31,7 @@ from .embedder import CachedEmbedder, Embedder
 from .errors import BackendUnavailable, InvalidInput
 from .index import IndexSpec, alias_name, ensure_index
 from .policy import MatchPolicy, make_policy
-from .query import VIEW_PATHS, Candidate, knn_query, parse_knn, scope_filter, search_args
+from .query import VIEW_PATHS, Candidate, knn_query, parse_knn, scope_filter, search_args, search_timed_out
 from .schema import EntryView, LookupResult, Scope, Status, WriteCommand, entry_id, normalize_prompt
 from .settings import Settings
 from .stats import StatsRecorder
@@ -345,6 +345,17 @@ class SemanticCache:
         except redis.RedisError as exc:
             return self._failed(ctx, exc, embed_ms=embed_ms)
         ctx["search_ms"] += (time.perf_counter() - t1) * 1000
+        return self._knn_answer(ctx, reply, embed_ms)
+
+    def _knn_answer(self, ctx: dict, reply: Any, embed_ms: float) -> LookupResult:
+        """What the KNN reply means; a reply the server's search timeout cut short is a degraded miss.
+
+        Issue 15: under ``ON_TIMEOUT RETURN`` (RediSearch's default) a timed-out KNN answers with the documents it
+        had found so far, not the nearest ones: the policy would serve a farther entry as the nearest, or widen
+        its radius for want of the competing group it never saw. A timeout is a slow server, not a miss.
+        """
+        if search_timed_out(reply):
+            return self._degraded(ctx, "search timed out (partial results are not served)", embed_ms=embed_ms)
         return self._knn_reply(ctx, parse_knn(reply), embed_ms)
 
     def _knn_reply(self, ctx: dict, candidates: list[Candidate], embed_ms: float) -> LookupResult:
@@ -371,7 +382,10 @@ class SemanticCache:
         return search_args(self.index_name, query, params, k)
 
     def _knn(self, ctx: dict, vector: np.ndarray) -> list[Candidate]:
-        return parse_knn(self.client.execute_command(*self._knn_request(ctx, vector)))
+        reply = self.client.execute_command(*self._knn_request(ctx, vector))
+        if search_timed_out(reply):  # partial neighbours would mislead an evaluation as much as a lookup
+            raise BackendUnavailable("the search timed out: Redis returned partial results")
+        return parse_knn(reply)
 
     def _policy_for(self, params: Mapping[str, Any]) -> MatchPolicy:
         name = params.get("policy")

@@ -19,8 +19,8 @@ from .schema import Fields, Scope, Status, tag_token
 if TYPE_CHECKING:
     from .tasks import EntryFilter
 
-__all__ = ["Candidate", "scope_filter", "knn_query", "parse_knn", "search_args", "entry_filter_query", "RETURN_FIELDS",
-           "VIEW_PATHS", "VIEW_UNION"]
+__all__ = ["Candidate", "scope_filter", "knn_query", "parse_knn", "search_args", "search_timed_out",
+           "entry_filter_query", "RETURN_FIELDS", "VIEW_PATHS", "VIEW_UNION"]
 
 # What a KNN returns per candidate: everything an EntryView needs except hit statistics (kept elsewhere).
 VIEW_PATHS = (
@@ -168,6 +168,18 @@ def _view_fields(values: list[Any]) -> dict[str, Any] | None:
 def _attr(attrs: Any, name: str) -> Any:
     value = attrs.get(name)
     return attrs.get(name.encode()) if value is None else value
+
+
+def search_timed_out(reply: Any) -> bool:
+    """Whether an ``FT.SEARCH`` reply was cut short by the server's search timeout (``ON_TIMEOUT RETURN``, the
+    default, answers with the results found so far and, in RESP3, the warning "Timeout limit was reached").
+
+    >>> search_timed_out({b"warning": [b"Timeout limit was reached"], b"results": []})
+    True
+    """
+    if not isinstance(reply, dict):
+        return False  # RESP2 carries no warning; semcache's clients speak RESP3 (cache_core.connection)
+    return any("timeout" in text(w).lower() for w in _attr(reply, "warning") or [])
 
 
 def _knn_rows(reply: Any):
