@@ -40,7 +40,7 @@ def test_another_tenants_lookup_of_the_same_prompt_runs_the_model(settings, redi
     assert _delta(embedder, before) == {"cache_hits": 2, "model_texts": 0}
 
 
-def test_the_api_reply_of_tenant_b_does_not_reveal_tenant_as_prompt(web_app, api_headers, embedder):
+def test_the_api_reply_to_tenant_b_does_not_reveal_what_tenant_a_asked(web_app, api_headers, embedder):
     client = web_app.test_client()
     prompt = f"When does the Globex layoff start? {uuid.uuid4().hex}"
     first = client.post("/api/v1/lookup", headers=api_headers("alpha"), json={"prompt": prompt})
