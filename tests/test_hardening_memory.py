@@ -149,3 +149,35 @@ def test_two_deployments_on_one_broker_database_never_restore_each_others_tasks(
         app_b.close()
         broker.flushdb()
         broker.close()
+
+
+# --- item 10: login-failure and rate-limit counters are not evictable ---------------------------------------------
+def _ttls(client, pattern: str) -> dict[str, int]:
+    return {key.decode(): client.ttl(key) for key in client.scan_iter(match=pattern, count=1000)}
+
+
+def test_rate_limit_and_login_failure_counters_carry_no_ttl(client, api_headers, web_settings, redis_client):
+    """Under volatile-* eviction a key with a TTL is evictable: before, whoever filled Redis reset their own rate
+    limit and login lockout (INCR + EXPIRE 120 s / 15 min). Now the counters are TTL-less hashes."""
+    from .fixtures_web import csrf_of
+
+    response = client.post("/api/v1/lookup", headers=api_headers("acme"), json={"prompt": "a question"})
+    assert response.status_code == 200
+    page = client.get("/login").get_data(as_text=True)
+    assert client.post("/login", data={"csrf_token": csrf_of(page), "token": "wrong"}).status_code == 401
+    counters = {**_ttls(redis_client, web_settings.key("ratelimit*")),
+                **_ttls(redis_client, web_settings.key("loginfail*"))}
+    assert len(counters) >= 3 and set(counters.values()) == {-1}, counters
+
+
+def test_window_counters_roll_over_and_hold_at_most_cap_subjects(redis_client, settings):
+    from cache_core.counters import count_in_window, read_in_window
+
+    key = settings.key("counter-test")
+    for i in range(50):
+        count_in_window(redis_client, key, f"addr-{i}", 60, cap=10, now=600.0)
+    assert redis_client.hlen(key) <= 12  # 10 subjects, the window, the shared overflow
+    assert read_in_window(redis_client, key, ["addr-0", "addr-49"], 60, cap=10, now=601.0) == [1, 40]
+    assert count_in_window(redis_client, key, "addr-0", 60, cap=10, now=660.0) == 1  # a new window starts over
+    assert read_in_window(redis_client, key, ["addr-49"], 60, cap=10, now=661.0) == [0]
+    assert redis_client.ttl(key) == -1

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from cache_core import browse
 from cache_core.apikeys import ApiKey, parse_key, verify_key
 from cache_core.connection import make_client
+from cache_core.counters import count_in_window
 from cache_core.errors import BackendUnavailable
 from cache_core.schema import ID_PATTERN, WriteCommand, entry_id
 from cache_core.stats import read_stats
@@ -157,12 +158,8 @@ def _rate_limit(key: ApiKey) -> None:
     st = state()
     now = time.time()
     minute = int(now // 60)
-    counter = st.settings.key(f"ratelimit:{key.id}:{minute}")
-    try:
-        pipe = st.redis.pipeline(transaction=False)
-        pipe.incr(counter)
-        pipe.expire(counter, 120)
-        count = pipe.execute()[0]
+    try:  # a TTL-less counter: a volatile-* eviction must not reset a key's budget (issue 15)
+        count = count_in_window(st.redis, st.settings.key("ratelimit"), key.id, 60, now=now)
     except redis.RedisError as exc:
         raise BackendUnavailable(f"rate limit counter: {exc}") from exc
     limit = st.settings.rate_limit_per_minute

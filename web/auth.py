@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 import redis
 from flask import Blueprint, current_app, flash, redirect, render_template, request, session, url_for
 
+from cache_core.counters import count_in_window, read_in_window
+
 from .errors import ApiError
 from .security import check_csrf, check_login, client_address, csrf_token
 from .sessions import end_session, record_login, session_is_live
@@ -71,15 +73,21 @@ def _account() -> str:
     return "user:" + hashlib.sha256(request.form.get("username", "").encode("utf-8", "replace")).hexdigest()[:32]
 
 
-def _failure_keys() -> tuple[str, str]:
+_WINDOW_S = 15 * 60
+
+
+def _failure_counters() -> tuple[tuple[str, str], tuple[str, str]]:
+    """(hash, subject) of the address's and the account's counters: TTL-less hashes (cache_core.counters), so a
+    volatile-* eviction cannot end a lockout (issue 15)."""
     s = state().settings
-    return s.key(f"loginfail:{client_address(s)}"), s.key(f"loginfail-account:{_account()}")
+    return (s.key("loginfail"), client_address(s)), (s.key("loginfail-account"), _account())
 
 
 def _too_many() -> str | None:
     """Why this attempt is refused ("address", "account"), or None. Raises ``redis.RedisError``: fail closed."""
     s = state().settings
-    by_address, by_account = state().redis.mget(list(_failure_keys()))
+    by_address, by_account = (read_in_window(state().redis, key, [subject], _WINDOW_S)[0]
+                              for key, subject in _failure_counters())
     if int(by_address or 0) >= s.login_attempts_per_15min:
         return "address"
     if int(by_account or 0) >= s.login_account_attempts_per_15min:
@@ -89,11 +97,8 @@ def _too_many() -> str | None:
 
 def _count_failure() -> None:
     try:
-        pipe = state().redis.pipeline(transaction=False)
-        for key in _failure_keys():
-            pipe.incr(key)
-            pipe.expire(key, 15 * 60)
-        pipe.execute()
+        for key, subject in _failure_counters():
+            count_in_window(state().redis, key, subject, _WINDOW_S)
     except redis.RedisError:
         pass  # the next attempt reads the counters first, and is refused if Redis is still away
 

@@ -44,6 +44,7 @@ from werkzeug.exceptions import HTTPException
 from cache_core.apikeys import ApiKey, verify_key
 from cache_core.cache import check_group
 from cache_core.connection import make_client
+from cache_core.counters import count_in_window
 from cache_core.errors import BackendUnavailable, InvalidInput, SemcacheError
 from cache_core.schema import LookupResult, WriteCommand, entry_id
 from cache_core.settings import Settings
@@ -359,12 +360,8 @@ def _rate_limit(ps: ProxyState, key: ApiKey) -> None:
         return
     now = time.time()
     minute = int(now // 60)
-    counter = ps.settings.key(f"ratelimit:{key.id}:{minute}")
-    try:
-        pipe = ps.auth_client().pipeline(transaction=False)
-        pipe.incr(counter)
-        pipe.expire(counter, 120)
-        count = pipe.execute()[0]
+    try:  # the API's TTL-less counter (issue 15)
+        count = count_in_window(ps.auth_client(), ps.settings.key("ratelimit"), key.id, 60, now=now)
     except redis.RedisError:
         ps.redis_failed()
         return
