@@ -163,6 +163,11 @@ def test_a_neighbour_the_judge_accepts_is_joined_and_a_rejected_one_is_not(judge
     assert float(re.search(r'^semcache_judge_calls_total\{verdict="yes"\} (\S+)$', metrics, re.M).group(1)) == \
         after["judge_yes"]
 
+    state = web.extensions["semcache"]
+    admin, _ = create_key(state.redis, state.settings, admin=True)
+    stats = client.get("/api/v1/stats?minutes=5", headers={"Authorization": f"Bearer {admin}"}).get_json()
+    assert stats["lookups"]["judge"]["yes"] >= 1 and stats["lookups"]["judge"]["joined"] >= 1
+
     login(client)
     page = client.get(f"/entries/{joined['id']}").get_data(as_text=True)
     card = page[page.index('id="judge-verdicts"'):page.index('id="feedback"')]
@@ -342,3 +347,36 @@ def test_a_hanging_judge_stops_being_asked_at_a_third_of_the_task_time_limit(mak
     assert [d.verdicts[0]["detail"].split(" ")[0] for d in decisions] == ["timeout", "not", "not"]
     assert judge_counters(decisions) == {"judge_none": 1, "judge_skipped": 2}
     assert all(d.group is None for d in decisions)
+
+
+# --- the other judges in a real worker, and a configuration that cannot work --------------------------------------
+def test_a_cross_encoder_judge_loaded_by_path_in_a_real_worker(redis_url, worker_settings, redis, tmp_path):
+    """``SEMCACHE_JUDGE=cross-encoder`` with a tiny real CrossEncoder saved to a path (its classifier's bias makes
+    every score about 0.998): the worker loads it before its pool forks and the paraphrase joins the neighbour."""
+    from .test_judge import tiny_cross_encoder
+
+    model = tiny_cross_encoder(tmp_path / "ce", bias=6.0)
+    settings = test_settings(redis_url, index=f"jc{uuid.uuid4().hex[:8]}", data_dir=worker_settings.data_dir,
+                             judge="cross-encoder", judge_cross_encoder_model=model, judge_min_similarity=0.5,
+                             judge_cross_encoder_threshold=0.9)
+    worker = WorkerProcess(settings, tmp_path / "worker.log", concurrency=1).start()
+    try:
+        tenant = unique_tenant("jce")
+        write(worker, [make_command(tenant, "How do I reset my password?", NEIGHBOURS["How do I reset my password?"])])
+        summary = write(worker, [make_command(tenant, PARAPHRASE_YES, "Use the 'Forgot password' link.")])
+    finally:
+        worker.stop()
+    assert summary["judge"]["yes"] == 1 and summary["judge"]["joined"] == 1
+    doc = get_document(redis, settings, entry_id(PARAPHRASE_YES, Scope(tenant=tenant)))
+    assert doc["group"] == answer_group(NEIGHBOURS["How do I reset my password?"])
+    (record,) = judge_records(redis, settings, doc["id"])
+    assert record["judge"] == "cross-encoder" and record["detail"].startswith("score 0.99")
+
+
+def test_a_judge_configuration_that_cannot_work_stops_the_worker_at_start(redis_url, worker_settings, tmp_path):
+    settings = test_settings(redis_url, index=f"jn{uuid.uuid4().hex[:8]}", data_dir=worker_settings.data_dir,
+                             judge="llm", judge_url="http://127.0.0.1:9/v1")  # no SEMCACHE_JUDGE_MODEL
+    worker = WorkerProcess(settings, tmp_path / "worker.log", concurrency=1)
+    with pytest.raises(RuntimeError, match="worker exited"):
+        worker.start()
+    assert "SEMCACHE_JUDGE=llm needs a model" in worker.log_text()
