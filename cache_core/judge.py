@@ -92,7 +92,8 @@ class EmbeddingJudge:
             a, b = np.asarray(self.embedder.embed([request.response, request.neighbour_response]), dtype=np.float64)
             cosine = float(a @ b / ((np.linalg.norm(a) * np.linalg.norm(b)) or 1.0))
         except Exception as exc:  # noqa: BLE001 - a judge never fails a write
-            return JudgeVerdict(None, f"embedding failed ({type(exc).__name__})", (time.perf_counter() - started) * 1000)
+            return JudgeVerdict(None, f"embedding failed ({type(exc).__name__})",
+                                (time.perf_counter() - started) * 1000)
         return JudgeVerdict(cosine >= self.threshold, f"answer similarity {cosine:.3f}",
                             (time.perf_counter() - started) * 1000)
 

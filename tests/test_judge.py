@@ -17,7 +17,8 @@ from cache_core.judge_llm import MAX_TEXT_CHARS, NOT_ASKED, LLMJudge, parse_verd
 from .fake_judge import FakeJudge
 
 SECRET_PROMPT = "How do I reset the password of account zq-4417?"
-REQUEST = JudgeRequest(prompt=SECRET_PROMPT, response="Open Settings, then Security, then Reset.", neighbour_id="n" * 32,
+REQUEST = JudgeRequest(prompt=SECRET_PROMPT, response="Open Settings, then Security, then Reset.",
+                       neighbour_id="n" * 32,
                        neighbour_prompt="How can I change my password?",
                        neighbour_response="Go to Settings > Security and press Reset password.", similarity=0.71)
 

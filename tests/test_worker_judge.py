@@ -132,7 +132,8 @@ def test_a_neighbour_the_judge_accepts_is_joined_and_a_rejected_one_is_not(judge
     asked = {body["messages"][-1]["content"].split("\n")[1] for body in judge.bodies}
     assert asked == {PARAPHRASE_YES, PARAPHRASE_NO}
 
-    joined, kept = doc_of(redis, judge_worker, tenant, PARAPHRASE_YES), doc_of(redis, judge_worker, tenant, PARAPHRASE_NO)
+    joined = doc_of(redis, judge_worker, tenant, PARAPHRASE_YES)
+    kept = doc_of(redis, judge_worker, tenant, PARAPHRASE_NO)
     first, second = neighbours["How do I reset my password?"], neighbours["What are your opening hours?"]
     assert joined["group"] == first["group"] == answer_group(NEIGHBOURS["How do I reset my password?"])
     assert kept["group"] == answer_group("Saturdays from 9 to 17.") != second["group"]

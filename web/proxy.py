@@ -411,7 +411,7 @@ def chat_completions():
     ck = cache_key(req, ps.settings, tenant=key.tenant)
     group = _group_header()  # checked on every request: a bad value is the client's mistake even on a bypass
     if group is not None and not ck.bypass:
-        ck = _GroupedKey(**{f.name: getattr(ck, f.name) for f in dataclasses.fields(ck)}, group=group)
+        ck = _GroupedKey(**{f.name: getattr(ck, f.name) for f in dataclasses.fields(ck) if f.init}, group=group)
     if ck.bypass:
         ps.writeback.count("proxy_bypass")
         return _forward(ps, raw, req, None, None, {"X-Semcache": "bypass", "X-Semcache-Bypass-Reason": ck.reason})
