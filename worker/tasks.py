@@ -15,6 +15,7 @@ Task names and keyword arguments are the contract in :mod:`cache_core.tasks`. Ev
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -33,7 +34,7 @@ from cache_core.tasks import FEEDBACK, PURGE, SET_STATUS, WRITE_ENTRY
 from . import service
 from .packing import unpack_embeddings
 
-__all__ = ["register", "WRITE_ENTRIES", "backoff_seconds"]
+__all__ = ["register", "WRITE_ENTRIES", "backoff_seconds", "MAX_WORKER_LOSSES"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,12 @@ log = logging.getLogger(__name__)
 # (worker.packing: the write queue sends them so, 8 KB of float text less per command); batched embedding and writes
 WRITE_ENTRIES = "semcache.write_entries"
 MAX_BATCH = 1000
+# A task whose worker process died this many times in a row while running it (the OOM killer, a crash in native
+# code) is not run again but stored as a dead letter: late acknowledgement with task_reject_on_worker_lost requeues
+# it after every death, which was forever for a task that kills every process it meets (issue 15). One death, the
+# usual case (a deploy, a SIGKILL), is still redelivered and finished.
+MAX_WORKER_LOSSES = 3
+_STARTS_TTL_S = 24 * 3600
 
 _SET_STATUS_FIELDS = frozenset({"entry_id", "status", "by", "reason", "response", "tenant"})
 _PURGE_FIELDS = frozenset({"ids", "filter", "by", "reason", "tenant", "mode"})
@@ -112,17 +119,56 @@ def _classified(body: Callable[[Any, dict[str, Any]], dict[str, Any]], runtime: 
         raise redis_failure(exc, name) from exc
 
 
+def _starts_key(task: Task, settings: Settings) -> str:
+    return settings.key(f"taskstarts:{task.request.id}")
+
+
+def _started(task: Task, runtime: Any) -> int:
+    """Count this start of the task; returns the starts that never finished before it (their process died).
+    Best effort: a Redis failure counts nothing (the task itself then meets Redis's state)."""
+    key = _starts_key(task, runtime.settings)
+    try:
+        pipe = runtime.client.pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, _STARTS_TTL_S)
+        return int(pipe.execute()[0]) - 1
+    except redis.RedisError:
+        return 0
+
+
+def _finished(task: Task, runtime: Any) -> None:
+    with contextlib.suppress(redis.RedisError):
+        runtime.client.delete(_starts_key(task, runtime.settings))
+
+
 def _run(task: Task, args: tuple, kwargs: dict[str, Any], known: frozenset[str],
          body: Callable[[Any, dict[str, Any]], dict[str, Any]], *, counts_invalid: bool = False) -> dict[str, Any]:
     from .app import runtime_of
 
     runtime = runtime_of(task.app)
-    settings = runtime.settings
     unknown = sorted(set(kwargs) - known)
     if unknown:
         log.warning("task %s[%s]: ignoring unknown arguments %s", task.name, task.request.id,
                     [str(name)[:40] for name in unknown[:10]])
     given = {k: v for k, v in kwargs.items() if k in known}
+    lost = _started(task, runtime)  # a death of the process skips every exit of this function, so it stays counted
+    if lost >= MAX_WORKER_LOSSES:
+        exc = SemcacheError(f"the worker process died {lost} times while running this task; not run again")
+        try:
+            _dead_letter(task, given, exc, "worker lost")
+        finally:
+            _finished(task, runtime)
+        raise exc
+    try:
+        return _attempt(task, args, given, runtime, body, counts_invalid=counts_invalid)
+    finally:
+        _finished(task, runtime)  # returned, failed, retrying or requeued: not a death of the process
+
+
+def _attempt(task: Task, args: tuple, given: dict[str, Any], runtime: Any,
+             body: Callable[[Any, dict[str, Any]], dict[str, Any]], *, counts_invalid: bool) -> dict[str, Any]:
+    """One run of a task's body with its error handling (see the module docstring)."""
+    settings = runtime.settings
     try:
         if args:
             raise InvalidInput(f"{len(args)} positional argument(s) given; {task.name} takes keyword arguments only")
