@@ -905,13 +905,15 @@ def evaluate(settings: Settings, data: str | Path, *, protocol: Protocol | None 
             rows = min(limit or len(dataset.rows), len(dataset.rows))
         measured = measure_latency(env, dataset, queries=latency, seed=seed, progress=progress) if latency else None
     consensus = ConsensusParams(settings.consensus_floor, settings.consensus_support, settings.consensus_conflict,
-                                settings.consensus_min_agree, settings.consensus_compete_range)
+                                settings.consensus_min_agree, settings.consensus_compete_range,
+                                settings.consensus_judged_conflict)
     report = EvalReport(
         protocol=dataset.protocol, data=str(data), rows=rows, seed=seed, policy=settings.policy,
         params={"k": settings.knn_k, **({"consensus_floor": consensus.floor, "consensus_support": consensus.support,
                                          "consensus_conflict": consensus.conflict,
                                          "consensus_min_agree": consensus.min_agree,
-                                         "consensus_compete_range": consensus.compete_range}
+                                         "consensus_compete_range": consensus.compete_range,
+                                         "consensus_judged_conflict": consensus.judged_conflict}
                                         if settings.policy == "consensus" else {}), **(params or {})},
         model=embedder.name, curve=curve, baseline_curve=baseline, lookup_ms=lookup_ms, feedback_rate=feedback_rate,
         latency=measured, answers=answers if dataset.protocol == "stream" else "label", judge=judge or "off",

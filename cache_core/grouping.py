@@ -5,8 +5,13 @@ entries of its scope nearest to it (one ``FT.SEARCH`` KNN per entry, pipelined f
 each distinct answer group whose similarity is at least ``SEMCACHE_JUDGE_MIN_SIMILARITY`` is a question for the
 judge (nearest group first, at most ``SEMCACHE_JUDGE_MAX_GROUPS`` of them): "does this neighbour's answer also
 answer the new prompt?". The first yes puts the new entry into that neighbour's group; no yes (or no verdict) keeps
-the entry in its own group, which is what it had without a judge. Every question asked is returned as a verdict
-record for the audit trail.
+the entry in a group of its own. Every question asked is returned as a verdict record for the audit trail.
+
+A group formed this way is marked as *judged*: its id starts with :data:`JUDGED_PREFIX` (an entry that founds a
+group while a judge is on gets ``j:`` + the hash of its answer). The consensus policy trusts a judged group less
+as a *competitor* (``SEMCACHE_CONSENSUS_JUDGED_CONFLICT``): two judged groups next to each other may be one answer
+split by a judge's wrong "no" or by a question never asked (budget, gray zone), whereas two groups of different
+answer texts, or two explicit groups from the app, really are different answers.
 """
 
 from __future__ import annotations
@@ -21,21 +26,35 @@ import redis
 
 from .index import alias_name
 from .judge import Judge, JudgeRequest, JudgeVerdict
+from .policy import JUDGED_PREFIX  # defined by the read path's policy, which must not import the write side
 from .query import Candidate, knn_query, parse_knn, scope_filter, search_args
 from .schema import Status, WriteCommand, entry_id
 from .settings import Settings
 
-__all__ = ["GroupDecision", "judged_groups", "questions"]
+__all__ = ["GroupDecision", "judged_groups", "questions", "JUDGED_PREFIX", "judged_group_id"]
+
+
+
+def judged_group_id(group: str) -> str:
+    """The id of a group formed while a judge is on (idempotent).
+
+    >>> judged_group_id("3f2a"), judged_group_id("j:3f2a")
+    ('j:3f2a', 'j:3f2a')
+    """
+    return group if group.startswith(JUDGED_PREFIX) else JUDGED_PREFIX + group
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class GroupDecision:
-    """The group a new entry joins (None: its own) and the judge's verdicts on the way there."""
+    """The group a new entry gets and the judge's verdicts on the way there. ``group``: the neighbour's group it
+    joined (``joined``), else its own judged group; None only when no neighbour search could run (then the entry
+    keeps the group it has without a judge)."""
 
     group: str | None = None
     verdicts: list[dict[str, Any]] = field(default_factory=list)
+    joined: bool = False
 
     @property
     def asked(self) -> int:
@@ -94,6 +113,7 @@ def judged_groups(client: redis.Redis, settings: Settings, items: Sequence[tuple
         log.warning("judge: could not look for neighbours of %d entries, none joins a group: %s", len(items), exc)
         return decisions
     for decision, (command, _), own, reply in zip(decisions, items, own_groups, replies):
+        own = decision.group = judged_group_id(own)
         # a rewrite of an entry finds its own older version nearest: that is no neighbour to ask about
         own_id = entry_id(command.prompt, command.scope)
         found = [c for c in parse_knn(reply) if str(c.fields.get("id", "")) != own_id]
@@ -106,7 +126,7 @@ def judged_groups(client: redis.Redis, settings: Settings, items: Sequence[tuple
                 "prompt_tokens": verdict.prompt_tokens, "completion_tokens": verdict.completion_tokens,
             })  # fmt: skip
             if verdict.agree:
-                decision.group = cand.group
+                decision.group, decision.joined = cand.group, True
                 break
     return decisions
 

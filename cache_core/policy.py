@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
 from .query import Candidate
 
+JUDGED_PREFIX = "j:"  # cache_core.grouping.JUDGED_PREFIX (the read path does not import the write side)
+
 if TYPE_CHECKING:
     from .settings import Settings
 
@@ -113,11 +115,13 @@ class ConsensusParams:
     conflict: float = 1.0
     min_agree: int = 5
     compete_range: float = 0.2
+    judged_conflict: float = 0.5
 
     def merged(self, params: Mapping[str, Any]) -> "ConsensusParams":
         """These defaults overridden by a scope's calibrated values (``consensus_floor`` ...); junk is ignored."""
         values = {"floor": self.floor, "support": self.support, "conflict": self.conflict,
-                  "min_agree": float(self.min_agree), "compete_range": self.compete_range}
+                  "min_agree": float(self.min_agree), "compete_range": self.compete_range,
+                  "judged_conflict": self.judged_conflict}
         for name in values:
             raw = params.get(f"consensus_{name}")
             if isinstance(raw, (int, float)) and not isinstance(raw, bool) and -1.0 <= raw <= 100.0:
@@ -127,6 +131,7 @@ class ConsensusParams:
         values["conflict"] = max(values["conflict"], 0.0)
         values["min_agree"] = int(max(values["min_agree"], 0.0))
         values["compete_range"] = min(max(values["compete_range"], 0.0), 2.0)
+        values["judged_conflict"] = min(max(values["judged_conflict"], 0.0), 1.0)
         return ConsensusParams(**values)
 
 
@@ -141,7 +146,7 @@ class ConsensusPolicy:
     where the agreeing weight sums the group's other members among the k (counted only when there are at least
     ``min_agree`` of them), and the competing weight sums the members of every *other group that has at least two
     members* among the k, each scaled down by how much less similar than the served entry it is
-    (``compete_range``). A lone neighbour with another answer is no evidence of disagreement: answers that mean
+    (``compete_range``), and by ``judged_conflict`` for a group a judge formed. A lone neighbour with another answer is no evidence of disagreement: answers that mean
     the same thing in other words land in different groups, and most entries of a plain LLM cache are alone in
     their group. So with no group information (every neighbour in its own group) this is exactly
     :class:`ThresholdPolicy`. Only the nearest entry's group is considered: serving a farther group that outvotes
@@ -181,8 +186,9 @@ class ConsensusPolicy:
         for g, cands_g in members.items():
             if g == group or len(cands_g) < 2:
                 continue
+            trust = p.judged_conflict if g.startswith(JUDGED_PREFIX) else 1.0
             for c in cands_g:
-                w = self._weight(c.similarity, p.floor)
+                w = trust * self._weight(c.similarity, p.floor)
                 if p.compete_range > 0:
                     w *= min(max(1.0 - (served.similarity - c.similarity) / p.compete_range, 0.0), 1.0)
                 compete += w
@@ -206,5 +212,6 @@ def make_policy(name: str, settings: "Settings | None" = None) -> MatchPolicy:
         return ConsensusPolicy(ConsensusParams(
             floor=settings.consensus_floor, support=settings.consensus_support, conflict=settings.consensus_conflict,
             min_agree=settings.consensus_min_agree, compete_range=settings.consensus_compete_range,
+            judged_conflict=settings.consensus_judged_conflict,
         ))  # fmt: skip
     raise ValueError(f"unknown match policy {name!r} (known: {', '.join(POLICY_NAMES)})")

@@ -140,6 +140,10 @@ class Settings(BaseSettings):
         0.2, ge=0.0, le=2.0, description="consensus policy: a competing neighbour counts fully when as similar as "
         "the served entry and not at all when this much less similar (0: by its weight alone).",
     )
+    consensus_judged_conflict: float = Field(
+        0.5, ge=0.0, le=1.0, description="consensus policy: the share of the conflict weight a competing group gets "
+        "when a judge formed it (id j:...): two judged groups may be one answer a judge split.",
+    )
     # --- judge-verified answer groups, formed by the worker (docs/quality.md "Free-text answers") ----------------
     judge: Literal["off", "llm", "cross-encoder", "embedding"] = Field(
         "off", description="Who decides, off the request path, whether a gray-zone neighbour's answer also "

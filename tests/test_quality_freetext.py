@@ -59,7 +59,7 @@ def brute_force(rows, vectors, policy, knob, k, *, judge_min, judge_max, judge=T
             served = next(e for e in stored if e["key"] == chosen.key)
             wrong += intent == oos or served["intent"] != intent
             continue
-        group, seen = f"own-{i}", set()
+        group, seen = (f"j:own-{i}" if judge else f"own-{i}"), set()  # judged groups: the j: prefix
         for entry, sim in cands if judge else []:
             if sim < judge_min or len(seen) >= judge_max:
                 break

@@ -109,14 +109,14 @@ def audit_verdicts(client: redis.Redis, settings: Settings, judged: Sequence[tup
 def judge_counters(decisions: Sequence[GroupDecision]) -> dict[str, int]:
     """The counters a batch's decisions add (zero counters left out).
 
-    >>> d = GroupDecision(group="g", verdicts=[{"agree": False, "detail": "no", "prompt_tokens": 40},
+    >>> d = GroupDecision(group="g", joined=True, verdicts=[{"agree": False, "detail": "no", "prompt_tokens": 40},
     ...                                        {"agree": True, "detail": "yes", "prompt_tokens": 41}])
     >>> sorted(judge_counters([d, GroupDecision()]).items())
     [('judge_joined', 1), ('judge_no', 1), ('judge_prompt_tokens', 81), ('judge_yes', 1)]
     """
     out: Counter = Counter()
     for decision in decisions:
-        out["judge_joined"] += decision.group is not None
+        out["judge_joined"] += decision.joined
         for verdict in decision.verdicts:
             if verdict.get("agree") is None and str(verdict.get("detail", "")).startswith(NOT_ASKED):
                 out["judge_skipped"] += 1
