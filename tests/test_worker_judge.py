@@ -20,6 +20,7 @@ from cache_core.apikeys import create_key
 from cache_core.connection import make_client
 from cache_core.schema import Scope, entry_id
 from cache_core.stats import read_cumulative
+from cache_core.grouping import judged_group_id
 from cache_core.store import answer_group, get_document
 from cache_core.testing import test_settings
 from semcache.fakellm import FakeLLMServer, SimulatedLLM
@@ -98,6 +99,11 @@ def seed_neighbours(worker, judge, redis, tenant: str) -> dict[str, dict]:
     return {p: doc_of(redis, worker, tenant, p) for p in NEIGHBOURS}
 
 
+def _judged(response: str) -> str:
+    """The group an entry founds while a judge is on (cache_core.grouping: j: + the hash of its answer)."""
+    return judged_group_id(answer_group(response))
+
+
 def judge_records(redis, settings, eid: str) -> list[dict]:
     out = []
     for _, fields in redis.xrange(settings.key("audit")):
@@ -135,8 +141,8 @@ def test_a_neighbour_the_judge_accepts_is_joined_and_a_rejected_one_is_not(judge
     joined = doc_of(redis, judge_worker, tenant, PARAPHRASE_YES)
     kept = doc_of(redis, judge_worker, tenant, PARAPHRASE_NO)
     first, second = neighbours["How do I reset my password?"], neighbours["What are your opening hours?"]
-    assert joined["group"] == first["group"] == answer_group(NEIGHBOURS["How do I reset my password?"])
-    assert kept["group"] == answer_group("Saturdays from 9 to 17.") != second["group"]
+    assert joined["group"] == first["group"] == _judged(NEIGHBOURS["How do I reset my password?"])
+    assert kept["group"] == _judged("Saturdays from 9 to 17.") != second["group"]
 
     (yes,) = judge_records(redis, s, joined["id"])
     assert yes["verdict"] == "yes" and yes["neighbour"] == first["id"] and yes["group"] == first["group"]
@@ -194,7 +200,7 @@ def test_a_failing_slow_or_garbled_judge_leaves_the_entry_in_its_own_group_witho
     assert summary["results"][0]["outcome"] == "written" and summary["judge"]["none"] == 1
     assert judge.calls == 1  # asked once, never again
     doc = doc_of(redis, judge_worker, tenant, PARAPHRASE_YES)
-    assert doc["status"] == "approved" and doc["group"] == answer_group("Use the 'Forgot password' link.")
+    assert doc["status"] == "approved" and doc["group"] == _judged("Use the 'Forgot password' link.")
     (record,) = judge_records(redis, s, doc["id"])
     assert record["verdict"] == "none" and detail in record["detail"]
     assert read_cumulative(redis, s).get("judge_none", 0) == before + 1
@@ -216,7 +222,7 @@ def test_a_spent_budget_asks_nothing(judge_worker, judge, redis):
         redis.delete(*keys)
     assert judge.calls == 0 and summary["judge"]["skipped"] == 1
     doc = doc_of(redis, judge_worker, tenant, PARAPHRASE_YES)
-    assert doc["group"] == answer_group("Use the 'Forgot password' link.")
+    assert doc["group"] == _judged("Use the 'Forgot password' link.")
     (record,) = judge_records(redis, s, doc["id"])
     assert record["verdict"] == "none" and record["detail"].startswith("not asked: budget")
     assert read_cumulative(redis, s).get("judge_skipped", 0) == before + 1
@@ -229,7 +235,7 @@ def test_a_rewrite_of_the_same_prompt_is_not_asked_about_itself(judge_worker, ju
     write(judge_worker, [make_command(tenant, "How do I reset my password?", "New answer: use Settings.")])
     assert judge.calls == 0  # its own older version is no neighbour
     assert doc_of(redis, judge_worker, tenant, "How do I reset my password?")["group"] == \
-        answer_group("New answer: use Settings.")
+        _judged("New answer: use Settings.")
 
 
 # --- explicit groups: never judged ------------------------------------------------------------------------------------
@@ -307,7 +313,7 @@ def test_an_explicit_group_from_the_proxy_header(judge_worker, judge, redis, pas
             app.extensions["semcache_proxy"].close()
             app.extensions["semcache"].close()
     (second,) = [d for d in docs if d["prompt"] == PARAPHRASE_YES]
-    assert second["group"] == "faq:password" and first[0]["group"] == answer_group(first[0]["response"])
+    assert second["group"] == "faq:password" and first[0]["group"] == _judged(first[0]["response"])
     assert judge.calls == 0
 
 
@@ -347,7 +353,7 @@ def test_a_hanging_judge_stops_being_asked_at_a_third_of_the_task_time_limit(mak
     assert judge.calls == 1
     assert [d.verdicts[0]["detail"].split(" ")[0] for d in decisions] == ["timeout", "not", "not"]
     assert judge_counters(decisions) == {"judge_none": 1, "judge_skipped": 2}
-    assert all(d.group is None for d in decisions)
+    assert not any(d.joined for d in decisions)  # each keeps a judged group of its own
 
 
 # --- the other judges in a real worker, and a configuration that cannot work --------------------------------------
@@ -369,7 +375,7 @@ def test_a_cross_encoder_judge_loaded_by_path_in_a_real_worker(redis_url, worker
         worker.stop()
     assert summary["judge"]["yes"] == 1 and summary["judge"]["joined"] == 1
     doc = get_document(redis, settings, entry_id(PARAPHRASE_YES, Scope(tenant=tenant)))
-    assert doc["group"] == answer_group(NEIGHBOURS["How do I reset my password?"])
+    assert doc["group"] == _judged(NEIGHBOURS["How do I reset my password?"])
     (record,) = judge_records(redis, settings, doc["id"])
     assert record["judge"] == "cross-encoder" and record["detail"].startswith("score 0.99")
 
