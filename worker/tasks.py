@@ -54,6 +54,22 @@ _PURGE_FIELDS = frozenset({"ids", "filter", "by", "reason", "tenant", "mode"})
 _FEEDBACK_FIELDS = frozenset({"lookup_id", "entry_id", "correct", "by", "reason", "tenant"})
 
 
+def kwargs_summary(kwargs: dict[str, Any]) -> str:
+    """What a retried task's message headers show of its arguments: names and sizes, never their text.
+
+    >>> kwargs_summary({"command": {"prompt": "my e-mail is a@b.c", "response": "ok"}, "commands": [1, 2]})
+    "{'command': <2 fields>, 'commands': <2 items>}"
+    """
+    def shown(value: Any) -> str:
+        if isinstance(value, dict):
+            return f"<{len(value)} fields>"
+        if isinstance(value, (list, tuple)):
+            return f"<{len(value)} items>"
+        return f"<{len(str(value))} chars>"
+
+    return "{" + ", ".join(f"{str(name)[:40]!r}: {shown(value)}" for name, value in kwargs.items()) + "}"
+
+
 def backoff_seconds(retries: int, settings: Settings) -> float:
     """Delay before retry number ``retries + 1``: exponential, capped, with "equal jitter" (half fixed, half random),
     so workers that failed together do not come back together.
@@ -191,7 +207,10 @@ def _attempt(task: Task, args: tuple, given: dict[str, Any], runtime: Any,
             log.warning("task %s[%s]: %s; retry %d of %d in %.1fs", task.name, task.request.id, exc, retries + 1,
                         settings.max_retries, countdown)
             try:
-                raise task.retry(exc=exc, countdown=countdown, max_retries=settings.max_retries)
+                # the retry is a new message: without these Celery would put repr(kwargs), prompts and answers
+                # included, into its headers (the first send carries a summary: worker/queue.py, web/dispatch.py)
+                raise task.retry(exc=exc, countdown=countdown, max_retries=settings.max_retries, argsrepr="()",
+                                 kwargsrepr=kwargs_summary(task.request.kwargs or {}))
             except Retry:
                 raise
             except Exception as publish_exc:  # noqa: BLE001 - the broker is down too: leave the message unacked
