@@ -68,7 +68,7 @@ def questions(candidates: Sequence[Candidate], own_group: str, *, min_similarity
     A neighbour already in the new entry's own group (the same answer text) is no question: it agrees already.
 
     >>> def cand(i, s, g):
-    ...     return Candidate(key=f"k{i}", fields={"id": str(i), "group": g}, similarity=s)
+    ...     return Candidate(key=f"k{i}", fields={"id": str(i), "group": g, "response": "r"}, similarity=s)
     >>> picked = questions([cand(1, 0.8, "a"), cand(2, 0.78, "a"), cand(3, 0.7, "b"), cand(4, 0.5, "c")], "own",
     ...                    min_similarity=0.6, max_groups=2)
     >>> [c.key for c in picked]
