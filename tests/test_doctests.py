@@ -8,7 +8,7 @@ import pytest
 MODULES = ["cache_core.schema", "cache_core.settings", "cache_core.celeryconf", "cache_core.testing",
            "cache_core.policy", "web.inflight", "benchmarks.report", "cache_core.judge", "cache_core.judge_llm",
            "worker.judging", "cache_core.cache", "cache_core.grouping", "cache_core.evaluation", "worker.tasks",
-           "benchmarks.quality_summary"]
+           "benchmarks.quality_summary", "web.forms"]
 
 
 @pytest.mark.parametrize("module", MODULES)

@@ -25,6 +25,7 @@ from .actions import recent, send
 from .auth import guard
 from .dispatch import send_task
 from .errors import ApiError
+from .forms import page_number
 from .state import state
 
 __all__ = ["bp", "list_json", "replay"]
@@ -37,10 +38,7 @@ PER_PAGE = 50
 
 
 def _page() -> int:
-    try:
-        return max(1, int(request.args.get("page", 1)))
-    except ValueError:
-        return 1
+    return page_number(request.args.get("page"))
 
 
 @bp.get("/")

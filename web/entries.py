@@ -15,7 +15,7 @@ from cache_core.schema import ID_PATTERN, Status
 
 from .actions import recent
 from .auth import guard
-from .forms import filter_from
+from .forms import filter_from, page_number
 from .state import state
 
 __all__ = ["bp"]
@@ -30,15 +30,9 @@ def _page_args() -> tuple[str, str, int, int]:
     sort = request.args.get("sort", "created_at")
     sort = sort if sort in browse.SORT_FIELDS else "created_at"
     order = "asc" if request.args.get("order") == "asc" else "desc"
-    try:
-        per_page = int(request.args.get("per_page", 50))
-    except ValueError:
-        per_page = 50
+    per_page = page_number(request.args.get("per_page"), 50)
     per_page = per_page if per_page in PER_PAGE_CHOICES else 50
-    try:
-        page = max(1, int(request.args.get("page", 1)))
-    except ValueError:
-        page = 1
+    page = page_number(request.args.get("page"))
     page = min(page, browse.MAX_WINDOW // per_page)
     return sort, order, page, per_page
 

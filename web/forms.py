@@ -23,6 +23,20 @@ __all__ = ["FILTER_FIELDS", "filter_from", "filter_values", "parse_date"]
 FILTER_FIELDS = ("tenant", "locale", "model", "status", "flags", "q", "created_from", "created_to", "older_than")
 
 
+def page_number(raw: str | None, default: int = 1) -> int:
+    """A page number (or page size) from a query string: ASCII digits only, else ``default``; at least 1.
+
+    ``int()`` reads other scripts' digits (``int("٣") == 3``) and fails on superscripts (``"²".isdigit()`` is true):
+    neither is a page number a link of ours writes.
+
+    >>> [page_number(v) for v in ("3", "٣", "²", "１", "", None, "0", "-2")]
+    [3, 1, 1, 1, 1, 1, 1, 1]
+    """
+    if not raw or not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
+        return default
+    return max(1, int(raw))
+
+
 def parse_date(value: str, *, end: bool = False) -> float:
     """Seconds since the epoch of ``YYYY-MM-DD`` (start of day, or end of day with ``end``) or
     ``YYYY-MM-DDTHH:MM``, read as UTC."""

@@ -18,6 +18,7 @@ from cache_core.tasks import SET_STATUS, EntryFilter, SetStatusCommand
 
 from .actions import recent, send
 from .auth import current_user, guard
+from .forms import page_number
 from .state import state
 
 __all__ = ["bp"]
@@ -34,10 +35,7 @@ MAX_BULK = 500
 def index():
     st = state()
     tenant = request.args.get("tenant", "").strip()[:1024] or None
-    try:
-        page = max(1, int(request.args.get("page", 1)))
-    except ValueError:
-        page = 1
+    page = page_number(request.args.get("page"))
     flt = EntryFilter(status=Status.PENDING_REVIEW, tenant=tenant)
     result = browse.list_entries(st.redis, st.settings, flt, sort="created_at", order="asc",
                                  offset=min((page - 1) * PER_PAGE, browse.MAX_WINDOW - PER_PAGE), limit=PER_PAGE)
