@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from urllib.parse import urlsplit
 import threading
 
 import pytest
@@ -161,7 +162,8 @@ def test_a_server_that_refuses_the_setup_is_logged_not_refused(redis_client, red
     prefix = make_settings().key("")
     user = f"probe-{prefix.rstrip(':')}"
     redis_client.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "+@all", "-ft.create")
-    limited_url = redis_url.replace("redis://", f"redis://{user}:pw@")
+    where = urlsplit(redis_url)  # the session server's URL carries its password: replace the credentials
+    limited_url = f"redis://{user}:pw@{where.hostname}:{where.port}{where.path}"
     limited = make_client(limited_url, timeout_ms=5000)
     try:
         with pytest.raises(redis.ResponseError, match="FT.CREATE of the probe failed"):

@@ -10,6 +10,7 @@ far over the 1 ms budget); the test first checks that the server really answered
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -83,7 +84,9 @@ def test_a_knn_cut_short_by_the_search_timeout_is_a_degraded_miss(big_scope):
         finally:
             await aio.client.aclose()
 
-    assert asyncio.run(through_asyncio()).degraded
+    # in a thread of its own: a session-wide Playwright (the browser tests) keeps an event loop in the main thread
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(asyncio.run, through_asyncio()).result().degraded
 
 
 def test_search_timed_out_reads_the_resp3_warning():

@@ -606,7 +606,7 @@ def test_up_with_an_external_redis_supervises_only_the_worker_and_the_web_app(re
     up = _Up(settings, host="127.0.0.1", port=free_port(), web_workers=1, concurrency=1, as_json=True,
              policy=RestartPolicy())
     assert [child.name for child in up.supervisor.children] == ["worker", "web"]
-    assert up.redis_info == {"url": redis_url, "embedded": False, "supervised": False}
+    assert up.redis_info == {"url": redacted(redis_url), "embedded": False, "supervised": False}  # no password
     worker, web = (child.service for child in up.supervisor.children)
     assert worker.env["SEMCACHE_REDIS_URL"] == web.env["SEMCACHE_REDIS_URL"] == redis_url
     assert worker.argv[-3:] == ["worker", "--concurrency", "1"] and "-P" in worker.argv
