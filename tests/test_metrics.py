@@ -138,9 +138,23 @@ def test_queue_depth_and_dead_letters(web_app, client, api_headers, web_settings
     assert value(after, "semcache_dead_letters") == value(before, "semcache_dead_letters") + 1 == 1
 
 
-def test_writes_by_safety_decision_from_the_real_worker(worker_client, worker_api_headers):
+def test_writes_by_safety_decision_from_the_real_worker(make_settings, password_hash, embedder, worker_factory):
+    """A worker and an index of this test's own: the review-queue gauge counts the whole index, so the session's
+    shared worker index (whose entries other tests write, moderate and purge meanwhile) could move it under us."""
+    from .fixtures_web import _key_factory, _web_overrides
+
+    worker = worker_factory(make_settings(**_web_overrides(password_hash)), concurrency=1)
+    app = _make_app(worker.settings, embedder, queue=None)
+    worker_client = app.test_client()
     tenant = unique_tenant()
-    headers = worker_api_headers(tenant)
+    headers = _key_factory(app)(tenant)
+    try:
+        _writes_by_decision(worker_client, headers)
+    finally:
+        app.extensions["semcache"].close()
+
+
+def _writes_by_decision(worker_client, headers):
     before = samples(scrape(worker_client))
     writes = [("How long does delivery to Spain take?", "Three to five working days.", "approve"),
               ("Who do I call about a damaged parcel?", "Call our desk at +1 (555) 010-7788.", "hold"),
