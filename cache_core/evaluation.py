@@ -54,6 +54,7 @@ from .policy import ConsensusParams, make_policy
 from .schema import Scope, WriteCommand, entry_id
 from .settings import Settings
 from .grouping import judged_groups
+from .judge import JUDGE_NAMES, JudgeRequest, JudgeVerdict
 from .store import answer_group, build_entry, write_command, write_entries
 
 __all__ = [
@@ -284,8 +285,6 @@ def parse_judge_spec(spec: str | None) -> tuple[str, tuple[float, float] | None]
     >>> parse_judge_spec(None)
     ('off', None)
     """
-    from .judge import JUDGE_NAMES
-
     spec = (spec or "off").strip()
     if spec.startswith(_SIMULATED):
         try:
@@ -318,21 +317,18 @@ class SimulatedJudge:
 
     def __init__(self, false_accept: float, false_reject: float, intent_of: dict[str, str], *,
                  seed: int | str = 0) -> None:
-        from .judge import JudgeVerdict
-
-        self._verdict = JudgeVerdict
         self.false_accept, self.false_reject = false_accept, false_reject
         self.intent_of = intent_of
         self.rng = random.Random(seed)
         self.current: str | None = None
         self.calls = 0
 
-    def judge(self, request: Any) -> Any:
+    def judge(self, request: JudgeRequest) -> JudgeVerdict:
         self.calls += 1
         same = self.current is not None and self.intent_of.get(request.neighbour_id) == self.current
         draw = self.rng.random()
         agree = draw >= self.false_reject if same else draw < self.false_accept
-        return self._verdict(agree=agree, detail="simulated from the labels")
+        return JudgeVerdict(agree=agree, detail="simulated from the labels")
 
 
 # --- results -------------------------------------------------------------------------------------------------
